@@ -1,0 +1,1 @@
+"""Prefect orchestration of the pipeline stages (thin wrappers over ``pipeline.run_<stage>``)."""

@@ -1,0 +1,206 @@
+"""The ``lpr-distill`` command line: one subcommand per stage, plus demo, run, status and config.
+
+Every command takes ``--config FILE`` and ``--set KEY=VALUE`` overrides. For commands with a run
+directory the base config is ``--config`` if given, else the run directory's own ``config.yaml``,
+else the defaults; the resolved config is saved back as ``RUN_DIR/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import RunConfig, apply_overrides, build_config, parse_override, read_yaml, to_yaml
+from pipeline.errors import LprError
+from pipeline.stage_registry import STAGE_FUNCTIONS
+from storage.rundir import RunDir
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+config_app = typer.Typer(no_args_is_help=True, help="Inspect the resolved configuration.")
+app.add_typer(config_app, name="config")
+out = Console()
+_state = {"debug": False}
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML run config.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a key, e.g. --set dump.max_tokens=100000.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if its manifest matches.")]
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
+    """Distil the router of a pretrained MoE model into a balanced Latent Prototype Router."""
+    _state["debug"] = debug
+
+
+def resolve_config(
+    *, run: RunDir | None, config: Path | None, sets: list[str] | None, flags: dict[str, Any] | None = None
+) -> RunConfig:
+    """defaults < config file (or the run's config.yaml) < --set < named flags."""
+    data: dict[str, Any] = {}
+    origin = "defaults"
+    if config is not None:
+        data, origin = read_yaml(config), str(config)
+    elif run is not None and (text := run.read_config()) is not None:
+        import yaml
+
+        data, origin = yaml.safe_load(text) or {}, run.path("config.yaml")
+    overrides = [parse_override(s) for s in sets or []]
+    overrides += [(key.split("."), value) for key, value in (flags or {}).items() if value is not None]
+    return build_config(apply_overrides(data, overrides), origin=origin)
+
+
+def _open_run(run_dir: str) -> RunDir:
+    run = RunDir(run_dir)
+    run.ensure()
+    return run
+
+
+def _run_stages(stages: list[str], *, run: RunDir, cfg: RunConfig, force: bool) -> None:
+    run.write_config(to_yaml(cfg))
+    for stage in stages:
+        manifest = STAGE_FUNCTIONS[stage](cfg=cfg, run=run, force=force)
+        if not manifest.skipped:
+            out.print(f"[green]✓[/] {stage} finished in {manifest.seconds:.1f} s")
+
+
+@app.command()
+def dump(
+    run_dir: Annotated[str, typer.Argument(help="Run directory (path or fsspec URL).")],
+    model: Annotated[str | None, typer.Option(help="Checkpoint directory, hub id, or 'demo'.")] = None,
+    corpus: Annotated[
+        str | None, typer.Option(help="Text file/folder, JSONL, Parquet, dataset dir, hf:NAME, or 'demo'.")
+    ] = None,
+    text_field: Annotated[
+        str | None, typer.Option(help="Field/column with the text (JSONL, Parquet, datasets).")
+    ] = None,
+    revision: Annotated[str | None, typer.Option(help="Hub revision of the model.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Token budget over the train split.")] = None,
+    batch_tokens: Annotated[int | None, typer.Option(help="Tokens per forward pass.")] = None,
+    trust_remote_code: Annotated[
+        bool | None, typer.Option("--trust-remote-code", help="Run the checkpoint's own code.")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Record router inputs and decisions of every MoE layer into RUN_DIR/states.zarr."""
+    run = _open_run(run_dir)
+    flags = {
+        "model.path": model,
+        "model.revision": revision,
+        "model.trust_remote_code": trust_remote_code,
+        "corpus.source": corpus,
+        "corpus.text_field": text_field,
+        "dump.max_tokens": max_tokens,
+        "dump.batch_tokens": batch_tokens,
+    }
+    cfg = resolve_config(run=run, config=config, sets=set_, flags=flags)
+    _run_stages(["dump"], run=run, cfg=cfg, force=force)
+
+
+@app.command("run")
+def run_all(
+    config: Annotated[Path, typer.Argument(help="YAML run config.")],
+    run_dir: Annotated[str | None, typer.Option(help="Run directory (default: runs/<config name>).")] = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Run every stage in order into the run directory."""
+    run = _open_run(run_dir or f"runs/{config.stem}")
+    cfg = resolve_config(run=run, config=config, sets=set_)
+    _run_stages(list(STAGE_FUNCTIONS), run=run, cfg=cfg, force=force)
+    out.print(f"run directory: {run.url}")
+
+
+@app.command()
+def demo(
+    run_dir: Annotated[str, typer.Option(help="Run directory.")] = "runs/demo",
+    collapsed: Annotated[
+        bool, typer.Option("--collapsed", help="Use the demo model trained with no balancing loss.")
+    ] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Build the demo model and corpus (cached), then run every stage that exists into RUN_DIR."""
+    run = _open_run(run_dir)
+    flags = {"model.path": "demo", "corpus.source": "demo", "demo.variant": "collapsed" if collapsed else None}
+    cfg = resolve_config(run=run, config=config, sets=set_, flags=flags)
+    _run_stages(list(STAGE_FUNCTIONS), run=run, cfg=cfg, force=force)
+    out.print(f"run directory: {run.url} — see `lpr-distill status {run.url}`")
+
+
+@app.command()
+def status(
+    run_dir: Annotated[str, typer.Argument(help="Run directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Which stages are complete, rows per layer, sizes."""
+    from pipeline.status import run_status
+
+    report = run_status(RunDir(run_dir))
+    if as_json:
+        print(json.dumps(report))
+        return
+    table = Table(title=f"lpr-distill run {run_dir}")
+    for column in ("stage", "state", "finished", "seconds", "size", "details"):
+        table.add_column(column)
+    for stage, info in report["stages"].items():
+        state = "[green]complete[/]" if info["complete"] else ("[yellow]partial[/]" if info.get("partial") else "—")
+        size = f"{info['bytes'] / 2**20:,.1f} MiB" if info.get("bytes") else ""
+        table.add_row(
+            stage, state, info.get("finished_at", ""), str(info.get("seconds", "")), size, info.get("details", "")
+        )
+    out.print(table)
+
+
+@config_app.command("show")
+def config_show(
+    run_dir: Annotated[str | None, typer.Argument(help="Run directory whose config.yaml is the base.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Print the resolved configuration as YAML."""
+    run = RunDir(run_dir) if run_dir else None
+    print(to_yaml(resolve_config(run=run, config=config, sets=set_)), end="")
+
+
+def run() -> None:
+    """Console-script entry point: one line and a non-zero exit for every user error."""
+    try:
+        app(standalone_mode=False)
+    except LprError as err:
+        if _state["debug"]:
+            raise
+        Console(stderr=True).print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        Console(stderr=True).print("[red]interrupted[/] — rerun the same command to resume")
+        sys.exit(130)
+    except Exception as err:
+        import click
+
+        if isinstance(err, click.exceptions.Exit):
+            sys.exit(err.exit_code)
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        if _state["debug"]:
+            raise
+        first = str(err).splitlines()[0] if str(err) else ""
+        Console(stderr=True).print(
+            f"[red]error:[/] {type(err).__name__}: {first}. Rerun with --debug for the traceback.",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run()

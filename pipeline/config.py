@@ -1,0 +1,167 @@
+"""Run configuration: one pydantic model per stage, gathered in ``RunConfig``.
+
+Resolution order: defaults < YAML file (``--config``) < command-line overrides. The resolved
+config is saved as ``RUN_DIR/config.yaml`` so that a stage rerun with ``--config
+RUN_DIR/config.yaml`` reproduces the run. Unknown keys and wrong types are errors that name the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import LprError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Which checkpoint to load and how."""
+
+    path: str = "demo"  # local directory, hub id, or "demo" (the built-in demo model, built if not cached)
+    revision: str | None = None  # hub branch, tag or commit; recorded in the states store
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: float32 on CPU, checkpoint dtype on GPU
+    device: str = "auto"  # auto: cuda when available, else cpu; ignored when device_map is set
+    device_map: str | None = None  # e.g. "auto" to spread a model larger than one GPU (needs accelerate)
+    trust_remote_code: bool = False  # run the checkpoint's own Python code; off unless you trust it
+
+
+class CorpusConfig(_Section):
+    """Where the text comes from and how it is cut into model inputs."""
+
+    source: str = "demo"  # "demo", a file, a folder, a URL, a saved datasets dataset, or "hf:NAME"
+    format: Literal["auto", "demo", "text", "jsonl", "parquet", "datasets"] = "auto"
+    text_field: str = "text"  # JSONL field / Parquet or dataset column holding the text
+    heldout_fraction: float = Field(0.1, gt=0, lt=1)  # documents kept out of dump/distill for validation
+    seq_len: int = Field(256, ge=8)  # tokens per packed sequence
+    demo_max_chars: int = Field(4_000_000, ge=1_000)  # size of the demo corpus when source is "demo"
+
+
+class DumpConfig(_Section):
+    """The dump stage: router inputs and decisions → ``states.zarr``."""
+
+    max_tokens: int | None = Field(262_144, ge=1)  # token budget over the train split; null = all of it
+    batch_tokens: int = Field(8_192, ge=8)  # tokens per forward pass (batch = batch_tokens // seq_len)
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # storage dtype of x
+    chunk_rows: int = Field(16_384, ge=1)  # rows per Zarr chunk
+    codec: Literal["none", "lz4", "zstd"] = "none"  # activations barely compress: none writes fastest
+
+
+class DemoConfig(_Section):
+    """The built-in demo model: a small Qwen3-MoE trained on the demo corpus on a CPU."""
+
+    variant: Literal["balanced", "collapsed"] = "balanced"  # collapsed: no balancing loss (stress case)
+    hidden_size: int = Field(256, ge=16)
+    num_layers: int = Field(4, ge=1)
+    num_experts: int = Field(16, ge=2)
+    top_k: int = Field(2, ge=1)
+    expert_width: int = Field(256, ge=8)  # moe_intermediate_size
+    num_heads: int = Field(4, ge=1)
+    vocab_size: int = Field(4096, ge=300)  # byte-level BPE trained on the demo corpus
+    corpus_chars: int = Field(6_000_000, ge=10_000)  # demo corpus size used for training
+    seq_len: int = Field(256, ge=8)
+    batch_size: int = Field(16, ge=1)  # sequences per training step
+    train_steps: int = Field(420, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    balance_coef: float = Field(3e-3, ge=0)  # per-layer Switch loss weight (weak on purpose)
+    eval_sequences: int = Field(128, ge=1)  # held-out sequences for the build report
+    cache_dir: str | None = None  # default: $LPR_DISTILL_CACHE or ~/.cache/lpr-distill
+
+    @model_validator(mode="after")
+    def _check(self) -> DemoConfig:
+        if self.top_k > self.num_experts:
+            raise ValueError(f"demo.top_k={self.top_k} should be ≤ demo.num_experts={self.num_experts}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"demo.hidden_size={self.hidden_size} should be a multiple of demo.num_heads")
+        return self
+
+
+class RunConfig(_Section):
+    """Everything one run needs; each stage reads its own section."""
+
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    corpus: CorpusConfig = CorpusConfig()
+    dump: DumpConfig = DumpConfig()
+    demo: DemoConfig = DemoConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.dump.batch_tokens < self.corpus.seq_len:
+            raise ValueError(
+                f"dump.batch_tokens={self.dump.batch_tokens} should be ≥ corpus.seq_len={self.corpus.seq_len}"
+            )
+        return self
+
+    def section(self, *names: str) -> dict[str, Any]:
+        """The named sections as plain data (what a stage's fingerprint covers)."""
+        return {name: getattr(self, name).model_dump(mode="json") for name in names}
+
+
+def _format_errors(err: ValidationError) -> str:
+    problems = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "config"
+        if e["type"] == "extra_forbidden":
+            problems.append(f"unknown key '{key}'")
+        elif e["type"] in ("value_error", "assertion_error"):
+            problems.append(str(e["ctx"]["error"]) if "ctx" in e else e["msg"])
+        else:
+            problems.append(f"'{key}': {e['msg'].lower()} (got {e.get('input')!r})")
+    return "; ".join(problems)
+
+
+def build_config(data: dict[str, Any], *, origin: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise LprError(
+            f"{origin}: {_format_errors(err)}", "fix the key or value (see `lpr-distill config show`)"
+        ) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"dump.max_tokens=1000"`` → (["dump", "max_tokens"], 1000); the value is read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise LprError(f"override '{text}' is not KEY=VALUE", "write e.g. --set dump.max_tokens=100000")
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[tuple[list[str], Any]]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict (a copy); unknown keys are caught later by validation."""
+    out = yaml.safe_load(yaml.safe_dump(data)) or {}
+    for path, value in overrides:
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise LprError(f"config file {path} does not exist", "pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise LprError(f"config file {path} is not valid YAML ({first})", "fix the file's syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise LprError(f"config file {path} must hold a mapping of sections", "start it with e.g. `model:`")
+    return data
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,268 @@
+"""Dump stage: run the model over the train split and record what every router sees and decides.
+
+A forward hook on each router records its input ``x`` and its output triple (logits, top-k
+weights, top-k indices); padding rows are dropped before anything is stored. Batches go to a
+background writer thread so the forward pass of batch i+1 overlaps the write of batch i. The
+store commits its row count after each batch; a rerun with the same fingerprint resumes at the
+first uncommitted packed sequence (batches are whole sequences, so the resumed run forms the
+same batches and writes the same rows).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.config import RunConfig
+from pipeline.corpus import Document, PackedSequence, iter_packed, load_documents, split_documents
+from pipeline.errors import LprError
+from pipeline.models import RouterSite, find_routers, load_model, model_identity, resolve_model_path
+from pipeline.progress import info, progress_bar
+from pipeline.stages import build_manifest, previous_run
+from storage.rundir import Manifest, RunDir, fingerprint
+from storage.states import StatesReader, StatesWriter, StoreLayout
+
+STAGE = "dump"
+
+
+class RouterCapture:
+    """Forward hooks on every router; ``take(mask)`` returns what the last forward pass routed.
+
+    Each record: x (T, H), logits (T, E), topk_w (T, k), topk_idx (T, k), still on the model's
+    device, restricted to the non-padding rows of the flattened batch.
+    """
+
+    def __init__(self, sites: list[RouterSite]) -> None:
+        self.sites = sites
+        self._records: list[tuple[torch.Tensor, ...] | None] = [None] * len(sites)
+        self._handles = [site.module.register_forward_hook(self._hook(i)) for i, site in enumerate(sites)]
+
+    def _hook(self, index: int):
+        def record(module: nn.Module, args: tuple, output: Any) -> None:
+            if not (isinstance(output, tuple) and len(output) == 3):
+                raise LprError(
+                    f"router {self.sites[index].name} returns {type(output).__name__}, not (logits, weights, indices)",
+                    "this MoE family's router does not follow the transformers 5 contract; it is not supported",
+                )
+            x = args[0]
+            logits, weights, indices = output
+            self._records[index] = (x.reshape(-1, x.shape[-1]), logits, weights, indices)
+
+        return record
+
+    def take(self, mask: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for site, record in zip(self.sites, self._records, strict=True):
+            if record is None:
+                raise LprError(f"router {site.name} was not called in the forward pass", "this model is not supported")
+            x, logits, weights, indices = record
+            keep = mask.to(x.device)
+            out.append(
+                {
+                    "x": x[keep].detach(),
+                    "logits": logits.reshape(-1, logits.shape[-1])[keep].detach(),
+                    "topk_w": weights.reshape(-1, weights.shape[-1])[keep].detach(),
+                    "topk_idx": indices.reshape(-1, indices.shape[-1])[keep].detach(),
+                }
+            )
+        self._records = [None] * len(self.sites)
+        return out
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+class BackgroundWriter:
+    """Runs ``StatesWriter.append`` on a thread; at most ``depth`` batches wait in memory."""
+
+    def __init__(self, writer: StatesWriter, depth: int = 2) -> None:
+        self.writer = writer
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="states-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self.writer.append(*item)
+                except BaseException as err:  # re-raised in the caller's thread
+                    self._error = err
+
+    def put(self, shared: dict[str, np.ndarray], layers: list[dict[str, torch.Tensor]], n_seqs: int) -> None:
+        self._raise()
+        self._queue.put((shared, layers, n_seqs))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            if isinstance(err, OSError):
+                raise LprError(
+                    f"writing the states store failed ({err.strerror or err})", "free disk space or check permissions"
+                ) from err
+            raise err
+
+
+def pad_batch(seqs: list[PackedSequence], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded model inputs (B, L) and the flat mask (B·L,) of real tokens."""
+    length = max(len(s.ids) for s in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), length), dtype=torch.long)
+    doc = torch.zeros((len(seqs), length), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq.ids)] = torch.from_numpy(seq.ids)
+        doc[row, : len(seq.ids)] = torch.from_numpy(seq.doc_ids)
+        attention[row, : len(seq.ids)] = 1
+    positions = torch.arange(length).expand(len(seqs), length)
+    mask = attention.reshape(-1).bool()
+    return {
+        "input_ids": ids,
+        "attention_mask": attention,
+        "mask": mask,
+        "token_id": ids.reshape(-1)[mask].numpy().astype(np.int32),
+        "doc_id": doc.reshape(-1)[mask].numpy(),
+        "position": positions.reshape(-1)[mask].numpy().astype(np.int32),
+    }
+
+
+def batched(seqs: Iterable[PackedSequence], size: int) -> Iterator[list[PackedSequence]]:
+    iterator = iter(seqs)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+def corpus_hash(docs: list[tuple[int, Document]]) -> str:
+    digest = hashlib.sha256()
+    for index, doc in docs:
+        digest.update(f"{index}\0{doc.name}\0".encode())
+        digest.update(doc.text.encode())
+    return digest.hexdigest()[:16]
+
+
+def layout_for(sites: list[RouterSite], records: list[dict[str, torch.Tensor]], cfg: RunConfig) -> StoreLayout:
+    first = records[0]
+    return StoreLayout(
+        layer_modules=[s.name for s in sites],
+        layer_indices=[s.layer_index for s in sites],
+        hidden_size=int(first["x"].shape[-1]),
+        num_experts=int(first["logits"].shape[-1]),
+        top_k=int(first["topk_idx"].shape[-1]),
+        x_dtype=cfg.dump.dtype,
+        chunk_rows=cfg.dump.chunk_rows,
+        codec=cfg.dump.codec,
+    )
+
+
+def forward_base(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> None:
+    """The forward pass the dump needs: the decoder stack only (the LM head routes nothing)."""
+    model.base_model(
+        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
+    )
+
+
+def run_dump(*, cfg: RunConfig, run: RunDir, force: bool = False) -> Manifest:
+    """Write ``states.zarr`` for the train split of the corpus. Returns the stage's manifest."""
+    started = time.time()
+    docs = split_documents(load_documents(cfg.corpus), split="train", heldout_fraction=cfg.corpus.heldout_fraction)
+    if not docs:
+        raise LprError(
+            f"corpus {cfg.corpus.source} has no training documents after the held-out split",
+            "add documents or lower corpus.heldout_fraction",
+        )
+    model_path = resolve_model_path(cfg)
+    config = cfg.section("model", "corpus", "dump")
+    inputs = {"model": model_identity(model_path, cfg.model.revision), "corpus": corpus_hash(docs)}
+    fp = fingerprint(config, inputs)
+    if (done := previous_run(run, STAGE, fp, force=force)) is not None:
+        return done.model_copy(update={"skipped": True})
+
+    model, tokenizer = load_model(cfg.model, model_path)
+    sites = find_routers(model)
+    device = next(model.parameters()).device
+    store_url = run.url_of(run.partial_path(STAGE))
+    if force and run.fs.exists(run.partial_path(STAGE)):
+        run.fs.rm(run.partial_path(STAGE), recursive=True)
+    writer = StatesWriter.resume(store_url, fingerprint=fp, storage_options=run.storage_options)
+    if writer is not None and writer.committed_rows:
+        info(f"[bold]dump[/]: resuming at row {writer.committed_rows:,} (sequence {writer.committed_seqs:,})")
+    store_attrs = {
+        "model": model_path if cfg.model.path != "demo" else "demo",
+        "model_path": model_path,
+        "revision": cfg.model.revision,
+        "family": model.config.model_type,
+        "corpus": cfg.corpus.source,
+        "seq_len": cfg.corpus.seq_len,
+    }
+    sequences = iter_packed(docs, tokenizer=tokenizer, seq_len=cfg.corpus.seq_len, max_tokens=cfg.dump.max_tokens)
+    sequences = itertools.islice(sequences, writer.committed_seqs if writer else 0, None)
+    capture = RouterCapture(sites)
+    background: BackgroundWriter | None = None
+    batch_seqs = max(1, cfg.dump.batch_tokens // cfg.corpus.seq_len)
+    resumed_rows = writer.committed_rows if writer else 0
+    new_rows = 0
+    try:
+        with torch.inference_mode(), progress_bar("dump", cfg.dump.max_tokens) as bar:
+            bar.advance(resumed_rows)
+            for seqs in batched(sequences, batch_seqs):
+                batch = pad_batch(seqs, tokenizer.pad_token_id)
+                forward_base(model, batch, device)
+                records = capture.take(batch["mask"])
+                if writer is None:
+                    layout = layout_for(sites, records, cfg)
+                    writer = StatesWriter.create(
+                        store_url, layout=layout, attrs=store_attrs, fingerprint=fp, storage_options=run.storage_options
+                    )
+                if background is None:
+                    background = BackgroundWriter(writer)
+                shared = {k: batch[k] for k in ("token_id", "doc_id", "position")}
+                background.put(shared, records, len(seqs))
+                new_rows += len(batch["token_id"])
+                rate = new_rows / max(time.time() - started, 1e-9)
+                bar.advance(len(batch["token_id"]), note=f"{rate:,.0f} tok/s")
+        if background is not None:
+            background.close()
+            background = None
+    finally:
+        capture.close()
+        if background is not None:
+            background.close()
+    if writer is None:
+        raise LprError("the corpus produced no tokens to dump", "check --corpus and dump.max_tokens")
+    writer.finish({"documents": len({i for i, _ in docs})})
+    rows = writer.committed_rows
+    reader = StatesReader(store_url, run.storage_options)
+    seconds = time.time() - started
+    stats = {
+        "rows": rows,
+        "rows_this_run": new_rows,
+        "resumed_from_row": resumed_rows,
+        "sequences": writer.committed_seqs,
+        "documents_in_rows": int(np.unique(reader.read("doc_id")).size),
+        "tokens_per_second": round(new_rows / seconds, 1),
+    }
+    outputs = {
+        "states": "states.zarr",
+        "layers": {name: reader.layer_module(name) for name in reader.layers},
+        "rows": rows,
+        "bytes": run.size_bytes(run.partial_path(STAGE)),
+    }
+    manifest = build_manifest(stage=STAGE, config=config, inputs=inputs, outputs=outputs, stats=stats, started=started)
+    run.commit(STAGE, manifest)
+    info(f"[bold]dump[/]: {rows:,} rows × {len(sites)} MoE layers → {run.url_of(run.output_path(STAGE))}")
+    return manifest

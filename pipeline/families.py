@@ -1,0 +1,43 @@
+"""The MoE families the pipeline supports: data, one entry per family.
+
+``weights`` says how the family turns router logits into expert weights (what an LPR router
+that replaces it must reproduce). Capture works for any family whose router returns
+``(logits [T, E], weights [T, k], indices [T, k])``; the families below are those it is tested on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.errors import LprError
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str  # transformers' config.model_type
+    weights: str  # weight convention of the original router
+    input_rank: int = 2  # 2: router gets (T, H); 3: (B, L, H)
+
+
+FAMILIES: dict[str, Family] = {
+    f.model_type: f
+    for f in (
+        Family("qwen3_moe", "softmax → top-k → renormalise if norm_topk_prob"),
+        Family("qwen2_moe", "softmax → top-k → renormalise if norm_topk_prob"),
+        Family("mixtral", "softmax (fp32) → top-k → renormalise"),
+        Family("olmoe", "softmax → top-k → renormalise if norm_topk_prob"),
+    )
+}
+
+
+def family_of(config: Any) -> str:
+    """The family key of a transformers config; raises for families not in the table."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in FAMILIES:
+        return model_type
+    if any(hasattr(config, key) for key in ("num_experts", "num_local_experts", "n_routed_experts")):
+        problem = f"MoE family '{model_type}' is not supported yet"
+    else:
+        problem = f"model type '{model_type}' is not a supported Mixture-of-Experts family"
+    raise LprError(problem, f"supported families: {', '.join(sorted(FAMILIES))}")

@@ -1,0 +1,17 @@
+"""The stages that exist, in pipeline order: the CLI and the flows call these and nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pipeline.config import RunConfig
+from pipeline.dump import run_dump
+from storage.rundir import Manifest, RunDir
+
+StageFunction = Callable[..., Manifest]  # run_<stage>(*, cfg: RunConfig, run: RunDir, force: bool) -> Manifest
+
+STAGE_FUNCTIONS: dict[str, StageFunction] = {
+    "dump": run_dump,
+}
+
+__all__ = ["STAGE_FUNCTIONS", "RunConfig", "RunDir", "StageFunction"]

@@ -1,0 +1,54 @@
+"""What a run directory holds: which stages are complete, and the shape of the states store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.errors import LprError
+from storage.rundir import STAGES, RunDir
+from storage.states import StatesReader
+
+
+def _states_summary(run: RunDir, path: str) -> dict[str, Any]:
+    try:
+        reader = StatesReader(run.url_of(path), run.storage_options)
+    except (LprError, KeyError):
+        return {}
+    rows = reader.num_rows
+    return {
+        "rows": rows,
+        "layers": {name: rows for name in reader.layers},
+        "num_experts": reader.attrs.get("num_experts"),
+        "top_k": reader.attrs.get("top_k"),
+        "hidden_size": reader.attrs.get("hidden_size"),
+        "x_dtype": reader.attrs.get("x_dtype"),
+        "model": reader.attrs.get("model"),
+    }
+
+
+def run_status(run: RunDir) -> dict[str, Any]:
+    """One JSON-ready object: per stage whether it is complete, its timings, size and details."""
+    if not run.fs.exists(run.root):
+        raise LprError(f"run directory {run.url} does not exist", "pass the directory a stage wrote into")
+    stages: dict[str, Any] = {}
+    for stage in STAGES:
+        manifest = run.read_manifest(stage)
+        complete = run.is_complete(stage)
+        entry: dict[str, Any] = {"complete": complete}
+        if complete and manifest is not None:
+            entry |= {
+                "finished_at": manifest.finished_at,
+                "seconds": manifest.seconds,
+                "bytes": run.size_bytes(run.output_path(stage)),
+            }
+        elif run.fs.exists(run.partial_path(stage)):
+            entry |= {"partial": True, "bytes": run.size_bytes(run.partial_path(stage))}
+        if stage == "dump":
+            path = run.output_path(stage) if complete else run.partial_path(stage)
+            if run.fs.exists(path):
+                entry["states"] = _states_summary(run, path)
+                rows = entry["states"].get("rows", 0)
+                layers = len(entry["states"].get("layers", {}))
+                entry["details"] = f"{rows:,} rows × {layers} layers" + ("" if complete else " committed so far")
+        stages[stage] = entry
+    return {"run_dir": run.url, "stages": stages}

@@ -1,0 +1,239 @@
+"""The states store: one Zarr v3 group per run, one subgroup per MoE layer.
+
+::
+
+    states.zarr/                 attrs: model, revision, family, x_dtype, hidden_size, num_experts,
+                                        top_k, layers, committed_rows, committed_seqs, complete, ...
+      token_id  [N]  int32
+      doc_id    [N]  int64      index of the token's document in the corpus
+      position  [N]  int32      position of the token in its packed sequence
+      layer_000/                attrs: module (e.g. model.layers.0.mlp.gate), layer_index
+        x        [N, H]  float16 | float32 | uint16 (bfloat16 bits; x_dtype says so)
+        logits   [N, E]  float32
+        topk_idx [N, k]  int16 (int32 when E > 32767)
+        topk_w   [N, k]  float32
+
+Appends are crash-safe: rows are written first and ``committed_rows`` (with ``committed_seqs``,
+the number of packed sequences they came from) is written last, in the root's ``zarr.json``,
+which the store replaces atomically. Rows past the committed count are garbage to overwrite.
+Arrays grow a chunk at a time; ``finish`` trims them to the committed count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+import zarr.codecs
+
+from pipeline.errors import LprError
+
+FORMAT_VERSION = 1
+SHARED_ARRAYS = {"token_id": np.int32, "doc_id": np.int64, "position": np.int32}
+LAYER_ARRAYS = ("x", "logits", "topk_idx", "topk_w")
+_X_STORAGE = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
+_MAX_CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Shapes and names of a new store."""
+
+    layer_modules: list[str]  # module name of each MoE layer's router, in model order
+    layer_indices: list[int]  # decoder-layer index of each
+    hidden_size: int
+    num_experts: int
+    top_k: int
+    x_dtype: str  # logical dtype of x: float16 | bfloat16 | float32
+    chunk_rows: int
+    codec: str  # none | lz4 | zstd
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [f"layer_{i:03d}" for i in self.layer_indices]
+
+
+def _compressors(codec: str) -> Any:
+    if codec == "none":
+        return None
+    if codec == "lz4":
+        return zarr.codecs.BloscCodec(cname="lz4", clevel=1, shuffle=zarr.codecs.BloscShuffle.shuffle)
+    return zarr.codecs.ZstdCodec(level=1)
+
+
+def _open_group(url: str, mode: str, storage_options: dict[str, Any] | None) -> zarr.Group:
+    options = storage_options if "://" in url and not url.startswith("file://") else None
+    try:
+        return zarr.open_group(store=url, mode=mode, storage_options=options, zarr_format=3)
+    except FileNotFoundError:
+        raise LprError(f"no states store at {url}", "run `lpr-distill dump RUN_DIR` first") from None
+    except PermissionError:
+        raise LprError(f"cannot write the states store at {url}", "check the run directory's permissions") from None
+
+
+def to_torch(array: np.ndarray, logical_dtype: str) -> torch.Tensor:
+    """Rows read from ``x`` as a tensor of their logical dtype (bfloat16 is stored as its uint16 bits)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.view(torch.bfloat16) if logical_dtype == "bfloat16" else tensor
+
+
+def _x_storage(x: torch.Tensor, logical_dtype: str) -> np.ndarray:
+    x = x.detach().to("cpu")
+    if logical_dtype == "bfloat16":
+        return x.to(torch.bfloat16).view(torch.uint16).numpy()
+    return x.to(getattr(torch, logical_dtype)).numpy()
+
+
+class StatesWriter:
+    """Appends batches of rows to a (new or resumed) states store."""
+
+    def __init__(self, group: zarr.Group) -> None:
+        self.group = group
+        self.attrs = dict(group.attrs)
+        self.layers = list(self.attrs["layers"])
+        self._arrays = {name: group[name] for name in SHARED_ARRAYS}
+        for layer in self.layers:
+            for name in LAYER_ARRAYS:
+                self._arrays[f"{layer}/{name}"] = group[f"{layer}/{name}"]
+
+    @classmethod
+    def resume(
+        cls, url: str, *, fingerprint: str, storage_options: dict[str, Any] | None = None
+    ) -> StatesWriter | None:
+        """The unfinished store at ``url`` if it was started with the same ``fingerprint``, else None."""
+        try:
+            group = _open_group(url, "r+", storage_options)
+        except (LprError, FileNotFoundError, KeyError, ValueError, zarr.errors.GroupNotFoundError):
+            return None
+        attrs = group.attrs
+        if (
+            attrs.get("fingerprint") != fingerprint
+            or attrs.get("complete")
+            or attrs.get("format_version") != FORMAT_VERSION
+        ):
+            return None
+        return cls(group)
+
+    @classmethod
+    def create(
+        cls,
+        url: str,
+        *,
+        layout: StoreLayout,
+        attrs: dict[str, Any],
+        fingerprint: str,
+        storage_options: dict[str, Any] | None = None,
+    ) -> StatesWriter:
+        """A new, empty store at ``url`` (anything there before is replaced)."""
+        group = _open_group(url, "w", storage_options)
+        x_item = np.dtype(_X_STORAGE[layout.x_dtype]).itemsize
+        rows = max(256, min(layout.chunk_rows, _MAX_CHUNK_BYTES // (layout.hidden_size * x_item)))
+        compressors = _compressors(layout.codec)
+        idx_dtype = np.int16 if layout.num_experts <= np.iinfo(np.int16).max else np.int32
+
+        def add_array(parent: zarr.Group, name: str, width: int | None, dtype: Any) -> None:
+            shape = (0,) if width is None else (0, width)
+            chunks = (rows,) if width is None else (rows, width)
+            parent.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=compressors, fill_value=0)
+
+        for name, dtype in SHARED_ARRAYS.items():
+            add_array(group, name, None, dtype)
+        for name, module, index in zip(layout.layer_names, layout.layer_modules, layout.layer_indices, strict=True):
+            sub = group.create_group(name, attributes={"module": module, "layer_index": index})
+            add_array(sub, "x", layout.hidden_size, _X_STORAGE[layout.x_dtype])
+            add_array(sub, "logits", layout.num_experts, np.float32)
+            add_array(sub, "topk_idx", layout.top_k, idx_dtype)
+            add_array(sub, "topk_w", layout.top_k, np.float32)
+        group.attrs.update(
+            attrs
+            | {
+                "format_version": FORMAT_VERSION,
+                "layers": layout.layer_names,
+                "layer_modules": layout.layer_modules,
+                "hidden_size": layout.hidden_size,
+                "num_experts": layout.num_experts,
+                "top_k": layout.top_k,
+                "x_dtype": layout.x_dtype,
+                "chunk_rows": rows,
+                "codec": layout.codec,
+                "fingerprint": fingerprint,
+                "committed_rows": 0,
+                "committed_seqs": 0,
+                "complete": False,
+            }
+        )
+        return cls(group)
+
+    @property
+    def committed_rows(self) -> int:
+        return int(self.attrs["committed_rows"])
+
+    @property
+    def committed_seqs(self) -> int:
+        return int(self.attrs["committed_seqs"])
+
+    def append(self, shared: dict[str, np.ndarray], layers: list[dict[str, Any]], n_seqs: int) -> None:
+        """Write one batch of ``n`` rows, then commit it.
+
+        shared: token_id/doc_id/position, each (n,). layers: per layer, x (n, H) tensor,
+        logits (n, E), topk_idx (n, k), topk_w (n, k) tensors, in the store's layer order.
+        """
+        start = self.committed_rows
+        n = len(shared["token_id"])
+        stop = start + n
+        values: dict[str, np.ndarray] = {name: np.asarray(shared[name]) for name in SHARED_ARRAYS}
+        for layer, data in zip(self.layers, layers, strict=True):
+            values[f"{layer}/x"] = _x_storage(data["x"], self.attrs["x_dtype"])
+            values[f"{layer}/logits"] = data["logits"].detach().float().cpu().numpy()
+            values[f"{layer}/topk_idx"] = data["topk_idx"].detach().cpu().numpy()
+            values[f"{layer}/topk_w"] = data["topk_w"].detach().float().cpu().numpy()
+        for key, array in self._arrays.items():
+            if array.shape[0] < stop:
+                chunk = array.chunks[0]
+                array.resize((-(-stop // chunk) * chunk, *array.shape[1:]))
+            array[start:stop] = values[key].astype(array.dtype, copy=False)
+        self._set_attrs(committed_rows=stop, committed_seqs=self.committed_seqs + n_seqs)
+
+    def finish(self, extra: dict[str, Any]) -> None:
+        """Trim every array to the committed rows and mark the store complete."""
+        rows = self.committed_rows
+        for array in self._arrays.values():
+            if array.shape[0] != rows:
+                array.resize((rows, *array.shape[1:]))
+        self._set_attrs(complete=True, **extra)
+
+    def _set_attrs(self, **values: Any) -> None:
+        self.attrs.update(values)
+        self.group.attrs.update(values)
+
+
+class StatesReader:
+    """Read access to a complete (or in-progress) states store."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = url
+        self.group = _open_group(url, "r", storage_options)
+        self.attrs = dict(self.group.attrs)
+        if self.attrs.get("format_version") != FORMAT_VERSION:
+            raise LprError(f"{url} is not a states store of this version", "rerun `lpr-distill dump RUN_DIR --force`")
+        self.layers: list[str] = list(self.attrs["layers"])
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.attrs["committed_rows"])
+
+    def read(self, name: str, start: int = 0, stop: int | None = None, *, layer: str | None = None) -> np.ndarray:
+        """Committed rows ``[start, stop)`` of a shared array, or of a layer's array when ``layer`` is given."""
+        stop = self.num_rows if stop is None else min(stop, self.num_rows)
+        array = self.group[f"{layer}/{name}" if layer else name]
+        return array[start:stop]
+
+    def read_x(self, layer: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Router inputs (rows, H) as a tensor of their logical dtype."""
+        return to_torch(self.read("x", start, stop, layer=layer), self.attrs["x_dtype"])
+
+    def layer_module(self, layer: str) -> str:
+        return str(self.group[layer].attrs["module"])
