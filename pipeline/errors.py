@@ -14,5 +14,5 @@ class LprError(Exception):
     def __str__(self) -> str:
         text = self.message
         if self.hint:
-            text += f". {self.hint}"
+            text += f". {self.hint[:1].upper()}{self.hint[1:]}"
         return " ".join(text.split()) + "."

@@ -36,8 +36,10 @@ def family_of(config: Any) -> str:
     model_type = getattr(config, "model_type", None)
     if model_type in FAMILIES:
         return model_type
-    if any(hasattr(config, key) for key in ("num_experts", "num_local_experts", "n_routed_experts")):
-        problem = f"MoE family '{model_type}' is not supported yet"
-    else:
-        problem = f"model type '{model_type}' is not a supported Mixture-of-Experts family"
-    raise LprError(problem, f"supported families: {', '.join(sorted(FAMILIES))}")
+    supported = ", ".join(sorted(FAMILIES))
+    if any(getattr(config, key, None) for key in ("num_experts", "num_local_experts", "n_routed_experts")):
+        raise LprError(f"MoE family '{model_type}' is not supported yet", f"supported families: {supported}")
+    raise LprError(
+        f"model type '{model_type}' is a dense model with no MoE layer to distil",
+        f"point --model at a Mixture-of-Experts checkpoint (supported families: {supported})",
+    )

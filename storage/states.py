@@ -21,6 +21,7 @@ Arrays grow a chunk at a time; ``finish`` trims them to the committed count.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 import zarr
 import zarr.codecs
+from zarr.core.sync import sync
 
 from pipeline.errors import LprError
 
@@ -190,12 +192,20 @@ class StatesWriter:
             values[f"{layer}/logits"] = data["logits"].detach().float().cpu().numpy()
             values[f"{layer}/topk_idx"] = data["topk_idx"].detach().cpu().numpy()
             values[f"{layer}/topk_w"] = data["topk_w"].detach().float().cpu().numpy()
-        for key, array in self._arrays.items():
-            if array.shape[0] < stop:
-                chunk = array.chunks[0]
-                array.resize((-(-stop // chunk) * chunk, *array.shape[1:]))
-            array[start:stop] = values[key].astype(array.dtype, copy=False)
+        sync(self._write_rows(start, stop, values))
         self._set_attrs(committed_rows=stop, committed_seqs=self.committed_seqs + n_seqs)
+
+    async def _write_rows(self, start: int, stop: int, values: dict[str, np.ndarray]) -> None:
+        """Grow (a chunk at a time) and fill every array concurrently: one round trip, not one per array."""
+
+        async def write(key: str, array: zarr.Array) -> None:
+            target = array._async_array
+            if target.shape[0] < stop:
+                chunk = target.chunks[0]
+                await target.resize((-(-stop // chunk) * chunk, *target.shape[1:]))  # in place
+            await target.setitem(slice(start, stop), values[key].astype(array.dtype, copy=False))
+
+        await asyncio.gather(*(write(key, array) for key, array in self._arrays.items()))
 
     def finish(self, extra: dict[str, Any]) -> None:
         """Trim every array to the committed rows and mark the store complete."""
@@ -207,7 +217,7 @@ class StatesWriter:
 
     def _set_attrs(self, **values: Any) -> None:
         self.attrs.update(values)
-        self.group.attrs.update(values)
+        self.group.update_attributes(values)  # one atomic write of the root zarr.json
 
 
 class StatesReader:

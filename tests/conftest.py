@@ -1,0 +1,87 @@
+"""Tiny real models and corpora the tests build themselves (no network, seconds each)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("LPR_DISTILL_QUIET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(1)
+
+WORDS = ["def", "class", "return", "import", "yield", "lambda", "async", "await", "with", "open", "read", "write", "list", "dict", "tuple", "set", "the", "router", "sends", "every", "token", "to", "the", "experts", "that", "fit", "it", "best", "and", "the", "load", "should", "stay", "even", "prototype", "cluster", "balance", "expert", "layer", "hidden", "state", "gate", "softmax", "logits", "weights", "index"]
+
+
+def make_texts(n_docs: int, words_per_doc: int = 120, seed: int = 0) -> list[str]:
+    gen = torch.Generator().manual_seed(seed)
+    texts = []
+    for d in range(n_docs):
+        picks = torch.randint(0, len(WORDS), (words_per_doc,), generator=gen).tolist()
+        texts.append(f"document {d}: " + " ".join(WORDS[i] for i in picks) + ".\n")
+    return texts
+
+
+def build_tiny_tokenizer(texts: list[str]):
+    from pipeline.corpus import Document
+    from pipeline.demo_model import train_tokenizer
+
+    return train_tokenizer([Document(name=str(i), text=t) for i, t in enumerate(texts)], vocab_size=300)
+
+
+def save_tiny_moe(path: Path, family: str = "qwen3_moe", *, seed: int = 0, num_layers: int = 2) -> Path:
+    """A randomly initialised MoE checkpoint (hidden 32, 4 experts, top-2) with a BPE tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = build_tiny_tokenizer(make_texts(40))
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    per_family = {
+        "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=8),
+        "qwen2_moe": dict(
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32
+        ),
+        "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8),
+        "olmoe": dict(num_experts=4, num_experts_per_tok=2),
+        "qwen3": dict(head_dim=8),  # dense
+    }[family]
+    config = AutoConfig.for_model(family, **common, **per_family)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return save_tiny_moe(tmp_path_factory.mktemp("tiny-qwen3-moe"))
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """A JSONL corpus of 60 short documents."""
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_texts(60, seed=1)))
+    return path
+
+
+def tiny_run_config(model: Path, corpus: Path, **dump) -> dict:
+    return {
+        "model": {"path": str(model)},
+        "corpus": {"source": str(corpus), "seq_len": 32},
+        "dump": {"max_tokens": None, "batch_tokens": 128, "chunk_rows": 256} | dump,
+    }
