@@ -14,7 +14,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(1)
 
-WORDS = ["def", "class", "return", "import", "yield", "lambda", "async", "await", "with", "open", "read", "write", "list", "dict", "tuple", "set", "the", "router", "sends", "every", "token", "to", "the", "experts", "that", "fit", "it", "best", "and", "the", "load", "should", "stay", "even", "prototype", "cluster", "balance", "expert", "layer", "hidden", "state", "gate", "softmax", "logits", "weights", "index"]
+_PHRASES = (
+    "def class return import yield lambda async await with open read write list dict tuple set",
+    "the router sends every token to the experts that fit it best and the load should stay even",
+    "prototype cluster balance expert layer hidden state gate softmax logits weights index",
+)
+WORDS = [word for phrase in _PHRASES for word in phrase.split()]
 
 
 def make_texts(n_docs: int, words_per_doc: int = 120, seed: int = 0) -> list[str]:
