@@ -189,7 +189,7 @@ def train_demo_model(cfg: DemoConfig, *, seed: int, out_dir: Path) -> dict[str, 
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
-            bar.advance(1, note=f"loss {float(out.loss):.3f} balance {float(balance):.3f}")
+            bar.advance(1, note=f"loss {out.loss.detach().item():.3f} balance {balance.detach().item():.3f}")
     trained = evaluate(model, held, cfg.top_k)
     report = {
         "variant": cfg.variant,

@@ -1,0 +1,107 @@
+"""Corpus readers, the document split and packing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.config import CorpusConfig
+from pipeline.corpus import Document, is_heldout, iter_packed, load_documents, split_documents
+from pipeline.errors import LprError
+from tests.conftest import build_tiny_tokenizer, make_texts
+
+TEXTS = make_texts(6, words_per_doc=20, seed=3)
+
+
+def load(source, **kw) -> list[Document]:
+    return load_documents(CorpusConfig(source=str(source), **kw))
+
+
+def test_text_file_and_folder(tmp_path):
+    (tmp_path / "a.txt").write_text(TEXTS[0])
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.md").write_text(TEXTS[1])
+    (tmp_path / "skip.bin").write_bytes(b"\x00\x01")
+    assert [d.text for d in load(tmp_path / "a.txt")] == [TEXTS[0]]
+    assert [d.text for d in load(tmp_path)] == [TEXTS[0], TEXTS[1]]
+
+
+def test_jsonl_parquet_and_datasets_agree(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"body": t, "n": i} for i, t in enumerate(TEXTS)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    for source in ("c.jsonl", "c.parquet", "ds"):
+        assert [d.text for d in load(tmp_path / source, text_field="body")] == TEXTS, source
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "kw", "needle"),
+    [
+        ("bad.txt", b"caf\xe9 latin-1", {}, "is not UTF-8"),
+        ("rows.jsonl", b'{"body": "x"}\n', {}, "has no field 'text'"),
+        ("rows.jsonl", b'{"text": 1}\n', {}, "is not a string"),
+        ("rows.jsonl", b"{not json}\n", {}, "is not valid JSON"),
+        ("empty.jsonl", b"\n\n", {}, "has no text"),
+    ],
+)
+def test_bad_corpora(tmp_path, name, content, kw, needle):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(LprError, match=needle):
+        load(tmp_path / name, **kw)
+
+
+def test_missing_corpus_and_parquet_column(tmp_path):
+    with pytest.raises(LprError, match="does not exist"):
+        load(tmp_path / "nope.txt")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"body": "x"}]), tmp_path / "c.parquet")
+    with pytest.raises(LprError, match="has no column 'text'"):
+        load(tmp_path / "c.parquet")
+
+
+def test_split_is_by_document_and_stable():
+    docs = [Document(name=f"doc{i}", text="x") for i in range(2000)]
+    train = split_documents(docs, split="train", heldout_fraction=0.1)
+    held = split_documents(docs, split="heldout", heldout_fraction=0.1)
+    assert {i for i, _ in train}.isdisjoint({i for i, _ in held})
+    assert len(train) + len(held) == len(docs)
+    assert 150 < len(held) < 250
+    assert all(is_heldout(d.name, 0.1) for _, d in held)
+
+
+def test_packing_keeps_every_token_in_order():
+    tok = build_tiny_tokenizer(TEXTS)
+    docs = list(enumerate(Document(name=str(i), text=t) for i, t in enumerate(TEXTS)))
+    seqs = list(iter_packed(docs, tokenizer=tok, seq_len=16, max_tokens=None))
+    stream = np.concatenate([s.ids for s in seqs])
+    expected = np.concatenate([tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in TEXTS])
+    np.testing.assert_array_equal(stream, expected)
+    assert all(len(s.ids) == 16 for s in seqs[:-1]) and 0 < len(seqs[-1].ids) <= 16
+    doc_ids = np.concatenate([s.doc_ids for s in seqs])
+    assert (np.diff(doc_ids) >= 0).all() and set(doc_ids.tolist()) == set(range(len(TEXTS)))
+    limited = list(iter_packed(docs, tokenizer=tok, seq_len=16, max_tokens=37))
+    assert sum(len(s.ids) for s in limited) == 37
+    np.testing.assert_array_equal(np.concatenate([s.ids for s in limited]), expected[:37])
+
+
+def test_demo_corpus_is_deterministic_and_mixed():
+    from pipeline.demo_corpus import demo_documents
+
+    a = demo_documents(max_chars=300_000)
+    b = demo_documents(max_chars=300_000)
+    assert [d.name for d in a] == [d.name for d in b]
+    kinds = {d.name.split(":")[0] for d in a}
+    assert kinds == {"topic", "doc", "code"}
+    assert sum(len(d.text) for d in a) <= 300_000
+    big = {d.name for d in demo_documents(max_chars=2_000_000)}
+    held = [d for d in big if is_heldout(d, 0.1)]
+    assert len(held) >= 50

@@ -1,0 +1,84 @@
+"""The demo path end to end on a miniature demo config: build, cache, reload, dump."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import pytest
+import torch
+
+from pipeline import cli
+from pipeline.config import DemoConfig
+from pipeline.demo_model import REPORT_NAME, demo_model_dir, ensure_demo_model, per_layer_switch_loss
+
+pytestmark = pytest.mark.slow
+
+MINI = {
+    "hidden_size": 32,
+    "num_layers": 2,
+    "num_experts": 4,
+    "top_k": 2,
+    "expert_width": 16,
+    "num_heads": 2,
+    "vocab_size": 320,
+    "corpus_chars": 150_000,
+    "seq_len": 64,
+    "batch_size": 4,
+    "train_steps": 3,
+    "eval_sequences": 8,
+}
+
+
+def test_build_cache_and_reload(tmp_path):
+    cfg = DemoConfig(**MINI, cache_dir=str(tmp_path))
+    path = ensure_demo_model(cfg, seed=0)
+    assert path == demo_model_dir(cfg, seed=0)
+    report = json.loads((path / REPORT_NAME).read_text())
+    assert 1 <= report["heldout_documents"] <= 8 and len(report["trained"]["layers"]) == 2
+    assert report["trained"]["perplexity"] < report["untrained"]["perplexity"]
+    started = time.time()
+    assert ensure_demo_model(cfg, seed=0) == path and time.time() - started < 1  # cached: no rebuild
+    assert not list(tmp_path.glob("*.tmp-*"))
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.config.model_type == "qwen3_moe" and model.config.num_experts == 4
+
+
+def test_collapsed_variant_is_a_different_model(tmp_path):
+    a = DemoConfig(**MINI, cache_dir=str(tmp_path))
+    b = DemoConfig(**MINI, cache_dir=str(tmp_path), variant="collapsed")
+    assert demo_model_dir(a, seed=0) != demo_model_dir(b, seed=0) != demo_model_dir(a, seed=1)
+
+
+def test_switch_loss_is_per_layer():
+    low = torch.tensor([[5.0, 5.0, 0, 0]]).repeat(8, 1)  # layer A: everything to experts 0 and 1
+    high = torch.tensor([[0, 0, 5.0, 5.0]]).repeat(8, 1)  # layer B: everything to experts 2 and 3
+    pooled = per_layer_switch_loss((torch.cat([low, high]),), 2)  # what pooling all layers sees
+    separate = per_layer_switch_loss((low, high), 2)
+    assert pooled.item() == pytest.approx(1.0, abs=1e-3)  # pooled: looks perfectly balanced
+    assert separate.item() > 1.9  # per layer: both collapsed
+
+
+def test_demo_command_dumps_every_layer(tmp_path, monkeypatch, capsys):
+    sets = [f"demo.{k}={v}" for k, v in MINI.items()]
+    sets += [
+        f"demo.cache_dir={tmp_path / 'cache'}",
+        "dump.max_tokens=2000",
+        "corpus.seq_len=64",
+        "corpus.demo_max_chars=150000",
+        "dump.batch_tokens=512",
+    ]
+    argv = ["lpr-distill", "demo", "--run-dir", str(tmp_path / "run")]
+    for s in sets:
+        argv += ["--set", s]
+    monkeypatch.setattr(sys, "argv", argv)
+    cli.run()
+    monkeypatch.setattr(sys, "argv", ["lpr-distill", "status", str(tmp_path / "run"), "--json"])
+    capsys.readouterr()
+    cli.run()
+    status = json.loads(capsys.readouterr().out)["stages"]["dump"]
+    assert status["complete"] and status["states"]["rows"] == 2000
+    assert set(status["states"]["layers"]) == {"layer_000", "layer_001"}
