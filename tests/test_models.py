@@ -40,7 +40,7 @@ def test_loading_errors(tmp_path):
     with pytest.raises(LprError, match="does not exist"):
         load_model(ModelConfig(), str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(LprError, match="has no config.json"):
+    with pytest.raises(LprError, match=r"has no config\.json"):
         load_model(ModelConfig(), str(tmp_path / "empty"))
     (tmp_path / "file").write_text("x")
     with pytest.raises(LprError, match="is not a directory"):
