@@ -25,7 +25,7 @@ from torch import nn
 from pipeline.config import RunConfig
 from pipeline.corpus import Document, PackedSequence, iter_packed, load_documents, split_documents
 from pipeline.errors import LprError
-from pipeline.models import RouterSite, find_routers, load_model, model_identity, resolve_model_path
+from pipeline.models import RouterSite, find_routers, load_config, load_model, model_identity, resolve_model_path
 from pipeline.progress import info, progress_bar
 from pipeline.stages import build_manifest, previous_run
 from storage.rundir import Manifest, RunDir, fingerprint
@@ -186,6 +186,7 @@ def run_dump(*, cfg: RunConfig, run: RunDir, force: bool = False) -> Manifest:
             "add documents or lower corpus.heldout_fraction",
         )
     model_path = resolve_model_path(cfg)
+    load_config(cfg.model, model_path)  # bad model input fails before the run directory is touched
     config = cfg.section("model", "corpus", "dump")
     inputs = {"model": model_identity(model_path, cfg.model.revision), "corpus": corpus_hash(docs)}
     fp = fingerprint(config, inputs)

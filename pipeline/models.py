@@ -78,14 +78,16 @@ def resolve_device(cfg: ModelConfig) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(cfg: ModelConfig, path: str) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)`` from a local directory or hub id, in eval mode, with its routers checked."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def load_config(cfg: ModelConfig, path: str):
+    """The checkpoint's transformers config, checked: it exists, loads, and is a supported MoE family.
+
+    Cheap (no weights), so stages call it before they touch anything in the run directory.
+    """
+    from transformers import AutoConfig
 
     _check_source(path)
-    common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     try:
-        config = AutoConfig.from_pretrained(path, **common)
+        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except ValueError as err:
         if "trust_remote_code" in str(err):
             raise LprError(
@@ -99,7 +101,16 @@ def load_model(cfg: ModelConfig, path: str) -> tuple[nn.Module, Any]:
         raise LprError(
             f"cannot load model {path} ({str(err).splitlines()[0]})", "check --model and --revision"
         ) from None
-    family_of(config)  # unsupported families fail here, before any weight is read
+    family_of(config)  # unsupported families and dense models fail here, before any weight is read
+    return config
+
+
+def load_model(cfg: ModelConfig, path: str) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` from a local directory or hub id, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = load_config(cfg, path)
+    common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     device = resolve_device(cfg)
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(cfg, device), **common}
     if cfg.device_map:

@@ -121,3 +121,13 @@ def test_config_show_and_reproduce(monkeypatch, capsys, tmp_path, tiny_model, ti
 def test_status_of_missing_run_dir(monkeypatch, capsys, tmp_path):
     code, _, err = invoke(monkeypatch, capsys, "status", str(tmp_path / "nowhere"))
     assert_one_line_error(code, err, "does not exist")
+
+
+def test_bad_rerun_keeps_the_complete_stage(monkeypatch, capsys, tmp_path, tiny_model, tiny_corpus):
+    run = tmp_path / "run"
+    args = ["dump", str(run), "--model", str(tiny_model), "--corpus", str(tiny_corpus), "--max-tokens", "100"]
+    assert invoke(monkeypatch, capsys, *args)[0] == 0
+    code, _, err = invoke(monkeypatch, capsys, "dump", str(run), "--model", str(tmp_path / "typo"))
+    assert_one_line_error(code, err, "does not exist")
+    _, out, _ = invoke(monkeypatch, capsys, "status", str(run), "--json")
+    assert json.loads(out)["stages"]["dump"]["complete"]
