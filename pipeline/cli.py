@@ -55,13 +55,8 @@ def resolve_config(
     return build_config(apply_overrides(data, overrides), origin=origin)
 
 
-def _open_run(run_dir: str) -> RunDir:
-    run = RunDir(run_dir)
-    run.ensure()
-    return run
-
-
 def _run_stages(stages: list[str], *, run: RunDir, cfg: RunConfig, force: bool) -> None:
+    run.ensure()
     run.write_config(to_yaml(cfg))
     for stage in stages:
         manifest = STAGE_FUNCTIONS[stage](cfg=cfg, run=run, force=force)
@@ -90,7 +85,7 @@ def dump(
     force: ForceOpt = False,
 ) -> None:
     """Record router inputs and decisions of every MoE layer into RUN_DIR/states.zarr."""
-    run = _open_run(run_dir)
+    run = RunDir(run_dir)
     flags = {
         "model.path": model,
         "model.revision": revision,
@@ -112,7 +107,7 @@ def run_all(
     force: ForceOpt = False,
 ) -> None:
     """Run every stage in order into the run directory."""
-    run = _open_run(run_dir or f"runs/{config.stem}")
+    run = RunDir(run_dir or f"runs/{config.stem}")
     cfg = resolve_config(run=run, config=config, sets=set_)
     _run_stages(list(STAGE_FUNCTIONS), run=run, cfg=cfg, force=force)
     out.print(f"run directory: {run.url}")
@@ -129,7 +124,7 @@ def demo(
     force: ForceOpt = False,
 ) -> None:
     """Build the demo model and corpus (cached), then run every stage that exists into RUN_DIR."""
-    run = _open_run(run_dir)
+    run = RunDir(run_dir)
     flags = {"model.path": "demo", "corpus.source": "demo", "demo.variant": "collapsed" if collapsed else None}
     cfg = resolve_config(run=run, config=config, sets=set_, flags=flags)
     _run_stages(list(STAGE_FUNCTIONS), run=run, cfg=cfg, force=force)
