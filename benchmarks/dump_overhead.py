@@ -24,14 +24,16 @@ import torch
 os.environ.setdefault("LPR_DISTILL_QUIET", "1")
 
 from pipeline.config import build_config
-from pipeline.corpus import iter_packed, load_documents, split_documents
+from pipeline.corpus import iter_documents, iter_packed, split_documents
 from pipeline.dump import batched, forward_base, pad_batch, run_dump
 from pipeline.models import load_model, resolve_model_path
 from storage.rundir import RunDir
 
 
 def plain_forward_tokens_per_second(cfg, model, tokenizer) -> float:
-    docs = split_documents(load_documents(cfg.corpus), split="train", heldout_fraction=cfg.corpus.heldout_fraction)
+    docs = list(
+        split_documents(iter_documents(cfg.corpus), split="train", heldout_fraction=cfg.corpus.heldout_fraction)
+    )
     seqs = iter_packed(docs, tokenizer=tokenizer, seq_len=cfg.corpus.seq_len, max_tokens=cfg.dump.max_tokens)
     batches = [pad_batch(b, tokenizer.pad_token_id) for b in batched(seqs, cfg.dump.batch_tokens // cfg.corpus.seq_len)]
     device = next(model.parameters()).device

@@ -9,8 +9,9 @@ are read through the same code.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -46,68 +47,73 @@ def is_heldout(name: str, fraction: float) -> bool:
 
 
 def split_documents(
-    docs: Sequence[Document], *, split: Literal["train", "heldout", "all"], heldout_fraction: float
-) -> list[tuple[int, Document]]:
-    """``(corpus index, document)`` pairs of one side of the split, in corpus order."""
-    if split == "all":
-        return list(enumerate(docs))
-    want = split == "heldout"
-    return [(i, d) for i, d in enumerate(docs) if is_heldout(d.name, heldout_fraction) == want]
+    docs: Iterable[tuple[int, Document]], *, split: Literal["train", "heldout", "all"], heldout_fraction: float
+) -> Iterator[tuple[int, Document]]:
+    """The ``(corpus index, document)`` pairs of one side of the split, streamed in corpus order."""
+    for index, doc in docs:
+        if split == "all" or is_heldout(doc.name, heldout_fraction) == (split == "heldout"):
+            yield index, doc
 
 
-def _open_text(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    with fs.open(path, "rb") as handle:
-        raw = handle.read()
+def _decode(raw: bytes, where: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise LprError(
-            f"corpus file {path} is not UTF-8 text (byte {err.start})",
+            f"corpus file {where} is not UTF-8 text (byte {err.start})",
             "convert it to UTF-8 or remove it from the corpus",
         ) from None
 
 
-def _read_text(fs: fsspec.AbstractFileSystem, path: str) -> list[Document]:
-    if fs.isdir(path):
-        files = sorted(p for p in fs.find(path) if any(p.endswith(s) for s in TEXT_SUFFIXES))
-        return [Document(name=p, text=_open_text(fs, p)) for p in files]
-    return [Document(name=path, text=_open_text(fs, path))]
+def _read_text(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[Document]:
+    files = sorted(p for p in fs.find(path) if p.endswith(tuple(TEXT_SUFFIXES))) if fs.isdir(path) else [path]
+    for file in files:
+        with fs.open(file, "rb") as handle:
+            yield Document(name=file, text=_decode(handle.read(), file))
 
 
-def _read_jsonl(fs: fsspec.AbstractFileSystem, path: str, field: str) -> list[Document]:
-    docs = []
-    for lineno, line in enumerate(_open_text(fs, path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise LprError(f"{path}:{lineno} is not valid JSON ({err.msg})", "fix or drop that line") from None
-        if not isinstance(row, dict) or field not in row:
-            raise LprError(
-                f"{path}:{lineno} has no field '{field}'",
-                "set corpus.text_field (--text-field) to the field that holds the text",
-            )
-        if not isinstance(row[field], str):
-            raise LprError(f"{path}:{lineno} field '{field}' is not a string", "point corpus.text_field at text")
-        docs.append(Document(name=f"{path}:{lineno}", text=row[field]))
-    return docs
+def _read_jsonl(fs: fsspec.AbstractFileSystem, path: str, field: str) -> Iterator[Document]:
+    with fs.open(path, "rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            line = _decode(raw, f"{path}:{lineno}")
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise LprError(f"{path}:{lineno} is not valid JSON ({err.msg})", "fix or drop that line") from None
+            if not isinstance(row, dict) or field not in row:
+                raise LprError(
+                    f"{path}:{lineno} has no field '{field}'",
+                    "set corpus.text_field (--text-field) to the field that holds the text",
+                )
+            if not isinstance(row[field], str):
+                raise LprError(f"{path}:{lineno} field '{field}' is not a string", "point corpus.text_field at text")
+            yield Document(name=f"{path}:{lineno}", text=row[field])
 
 
-def _read_parquet(fs: fsspec.AbstractFileSystem, path: str, field: str) -> list[Document]:
+def _missing_column(where: str, field: str, columns: list[str]) -> LprError:
+    return LprError(
+        f"{where} has no column '{field}' (columns: {', '.join(columns)})",
+        "set corpus.text_field (--text-field) to the column that holds the text",
+    )
+
+
+def _read_parquet(fs: fsspec.AbstractFileSystem, path: str, field: str) -> Iterator[Document]:
     import pyarrow.parquet as pq
 
     with fs.open(path, "rb") as handle:
-        table = pq.read_table(handle)
-    if field not in table.column_names:
-        raise LprError(
-            f"{path} has no column '{field}' (columns: {', '.join(table.column_names)})",
-            "set corpus.text_field (--text-field) to the column that holds the text",
-        )
-    return [Document(name=f"{path}:{i}", text=t) for i, t in enumerate(table.column(field).to_pylist()) if t]
+        parquet = pq.ParquetFile(handle)
+        if field not in parquet.schema_arrow.names:
+            raise _missing_column(path, field, parquet.schema_arrow.names)
+        row = 0
+        for batch in parquet.iter_batches(columns=[field], batch_size=1024):
+            for text in batch.column(0).to_pylist():
+                yield Document(name=f"{path}:{row}", text=text or "")
+                row += 1
 
 
-def _read_dataset(source: str, field: str) -> list[Document]:
+def _read_dataset(source: str, field: str) -> Iterator[Document]:
     import datasets
 
     if source.startswith("hf:"):
@@ -117,11 +123,12 @@ def _read_dataset(source: str, field: str) -> list[Document]:
         if isinstance(data, datasets.DatasetDict):
             data = data["train"] if "train" in data else data[next(iter(data))]
     if field not in data.column_names:
-        raise LprError(
-            f"dataset {source} has no column '{field}' (columns: {', '.join(data.column_names)})",
-            "set corpus.text_field (--text-field) to the column that holds the text",
-        )
-    return [Document(name=f"{source}:{i}", text=t) for i, t in enumerate(data[field]) if t]
+        raise _missing_column(f"dataset {source}", field, data.column_names)
+    row = 0
+    for batch in data.select_columns([field]).iter(batch_size=1024):
+        for text in batch[field]:
+            yield Document(name=f"{source}:{row}", text=text or "")
+            row += 1
 
 
 def detect_format(source: str) -> str:
@@ -135,40 +142,64 @@ def detect_format(source: str) -> str:
         raise LprError(f"corpus {source} does not exist", "pass an existing file, folder or URL as --corpus")
     if fs.isdir(path):
         names = {p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
-        return "datasets" if {"dataset_info.json", "state.json"} & names or "dataset_dict.json" in names else "text"
+        return "datasets" if {"dataset_info.json", "state.json", "dataset_dict.json"} & names else "text"
     for suffix, fmt in ((".jsonl", "jsonl"), (".json", "jsonl"), (".parquet", "parquet")):
         if path.endswith(suffix):
             return fmt
     return "text"
 
 
-def load_documents(cfg: CorpusConfig) -> list[Document]:
-    """Every document of the configured source, in a stable order. Raises if there are none."""
+def iter_documents(cfg: CorpusConfig) -> Iterator[tuple[int, Document]]:
+    """``(corpus index, document)`` for every non-empty document of the source, streamed in a stable order.
+
+    Streaming keeps memory flat for corpora larger than RAM; ``describe_corpus`` makes one full
+    pass first to check the corpus and hash it.
+    """
     fmt = detect_format(cfg.source) if cfg.format == "auto" else cfg.format
     if fmt == "demo":
         from pipeline.demo_corpus import demo_documents
 
-        docs = demo_documents(max_chars=cfg.demo_max_chars)
+        docs: Iterable[Document] = demo_documents(max_chars=cfg.demo_max_chars)
     elif fmt == "datasets":
         docs = _read_dataset(cfg.source, cfg.text_field)
     else:
         fs, path = fsspec.core.url_to_fs(cfg.source)
         if not fs.exists(path):
             raise LprError(f"corpus {cfg.source} does not exist", "pass an existing file, folder or URL as --corpus")
-        reader = {
-            "text": lambda: _read_text(fs, path),
-            "jsonl": lambda: _read_jsonl(fs, path, cfg.text_field),
-            "parquet": lambda: _read_parquet(fs, path, cfg.text_field),
-        }[fmt]
-        docs = reader()
-    docs = [d for d in docs if d.text.strip()]
-    if not docs:
+        readers = {"text": _read_text, "jsonl": _read_jsonl, "parquet": _read_parquet}
+        docs = readers[fmt](fs, path) if fmt == "text" else readers[fmt](fs, path, cfg.text_field)
+    yield from enumerate(d for d in docs if d.text.strip())
+
+
+@dataclass(frozen=True)
+class CorpusSummary:
+    digest: str  # hash of every document's index, name and text
+    documents: int
+    train_documents: int
+    heldout_documents: int
+
+
+def describe_corpus(cfg: CorpusConfig) -> CorpusSummary:
+    """One streaming pass: count and hash the documents; raise if there is no text or no train split."""
+    digest = hashlib.sha256()
+    counts = {True: 0, False: 0}
+    for index, doc in iter_documents(cfg):
+        digest.update(f"{index}\0{doc.name}\0".encode())
+        digest.update(doc.text.encode())
+        counts[is_heldout(doc.name, cfg.heldout_fraction)] += 1
+    summary = CorpusSummary(digest.hexdigest()[:16], counts[True] + counts[False], counts[False], counts[True])
+    if summary.documents == 0:
         raise LprError(f"corpus {cfg.source} has no text", "point --corpus at files or rows that contain text")
-    return docs
+    if summary.train_documents == 0:
+        raise LprError(
+            f"corpus {cfg.source} has no training documents after the held-out split ({summary.documents} in all)",
+            "add documents or lower corpus.heldout_fraction",
+        )
+    return summary
 
 
 def iter_packed(
-    docs: Sequence[tuple[int, Document]], *, tokenizer, seq_len: int, max_tokens: int | None
+    docs: Iterable[tuple[int, Document]], *, tokenizer, seq_len: int, max_tokens: int | None
 ) -> Iterator[PackedSequence]:
     """Pack documents, each followed by EOS, into sequences of ``seq_len`` tokens.
 
@@ -179,8 +210,8 @@ def iter_packed(
     ids_buf: list[int] = []
     doc_buf: list[int] = []
     emitted = 0
-    for start in range(0, len(docs), 64):
-        group = docs[start : start + 64]
+    docs = iter(docs)
+    while group := list(itertools.islice(docs, 64)):
         encoded = tokenizer([d.text for _, d in group], add_special_tokens=False)["input_ids"]
         for (index, _), ids in zip(group, encoded, strict=True):
             ids = list(ids) + ([eos] if eos is not None else [])

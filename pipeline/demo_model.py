@@ -152,8 +152,8 @@ def train_demo_model(cfg: DemoConfig, *, seed: int, out_dir: Path) -> dict[str, 
     started = time.time()
     torch.manual_seed(seed)
     docs = demo_documents(max_chars=cfg.corpus_chars)
-    train_docs = split_documents(docs, split="train", heldout_fraction=DEMO_HELDOUT_FRACTION)
-    held_docs = split_documents(docs, split="heldout", heldout_fraction=DEMO_HELDOUT_FRACTION)
+    train_docs = list(split_documents(enumerate(docs), split="train", heldout_fraction=DEMO_HELDOUT_FRACTION))
+    held_docs = list(split_documents(enumerate(docs), split="heldout", heldout_fraction=DEMO_HELDOUT_FRACTION))
     info(f"demo corpus: {len(docs)} documents ({len(train_docs)} train, {len(held_docs)} held out)")
     tokenizer = train_tokenizer([d for _, d in train_docs], cfg.vocab_size)
     train = _stack(

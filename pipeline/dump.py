@@ -10,7 +10,6 @@ same batches and writes the same rows).
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import queue
 import threading
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from pipeline.config import RunConfig
-from pipeline.corpus import Document, PackedSequence, iter_packed, load_documents, split_documents
+from pipeline.corpus import PackedSequence, describe_corpus, iter_documents, iter_packed, split_documents
 from pipeline.errors import LprError
 from pipeline.models import RouterSite, find_routers, load_config, load_model, model_identity, resolve_model_path
 from pipeline.progress import info, progress_bar
@@ -147,14 +146,6 @@ def batched(seqs: Iterable[PackedSequence], size: int) -> Iterator[list[PackedSe
         yield batch
 
 
-def corpus_hash(docs: list[tuple[int, Document]]) -> str:
-    digest = hashlib.sha256()
-    for index, doc in docs:
-        digest.update(f"{index}\0{doc.name}\0".encode())
-        digest.update(doc.text.encode())
-    return digest.hexdigest()[:16]
-
-
 def layout_for(sites: list[RouterSite], records: list[dict[str, torch.Tensor]], cfg: RunConfig) -> StoreLayout:
     first = records[0]
     return StoreLayout(
@@ -179,16 +170,11 @@ def forward_base(model: nn.Module, batch: dict[str, torch.Tensor], device: torch
 def run_dump(*, cfg: RunConfig, run: RunDir, force: bool = False) -> Manifest:
     """Write ``states.zarr`` for the train split of the corpus. Returns the stage's manifest."""
     started = time.time()
-    docs = split_documents(load_documents(cfg.corpus), split="train", heldout_fraction=cfg.corpus.heldout_fraction)
-    if not docs:
-        raise LprError(
-            f"corpus {cfg.corpus.source} has no training documents after the held-out split",
-            "add documents or lower corpus.heldout_fraction",
-        )
+    corpus = describe_corpus(cfg.corpus)  # bad corpus input fails here, before anything is written
     model_path = resolve_model_path(cfg)
     load_config(cfg.model, model_path)  # bad model input fails before the run directory is touched
     config = cfg.section("model", "corpus", "dump")
-    inputs = {"model": model_identity(model_path, cfg.model.revision), "corpus": corpus_hash(docs)}
+    inputs = {"model": model_identity(model_path, cfg.model.revision), "corpus": corpus.digest}
     fp = fingerprint(config, inputs)
     if (done := previous_run(run, STAGE, fp, force=force)) is not None:
         return done.model_copy(update={"skipped": True})
@@ -210,6 +196,7 @@ def run_dump(*, cfg: RunConfig, run: RunDir, force: bool = False) -> Manifest:
         "corpus": cfg.corpus.source,
         "seq_len": cfg.corpus.seq_len,
     }
+    docs = split_documents(iter_documents(cfg.corpus), split="train", heldout_fraction=cfg.corpus.heldout_fraction)
     sequences = iter_packed(docs, tokenizer=tokenizer, seq_len=cfg.corpus.seq_len, max_tokens=cfg.dump.max_tokens)
     sequences = itertools.islice(sequences, writer.committed_seqs if writer else 0, None)
     capture = RouterCapture(sites)

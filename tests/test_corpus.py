@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import CorpusConfig
-from pipeline.corpus import Document, is_heldout, iter_packed, load_documents, split_documents
+from pipeline.corpus import Document, describe_corpus, is_heldout, iter_documents, iter_packed, split_documents
 from pipeline.errors import LprError
 from tests.conftest import build_tiny_tokenizer, make_texts
 
@@ -16,7 +16,7 @@ TEXTS = make_texts(6, words_per_doc=20, seed=3)
 
 
 def load(source, **kw) -> list[Document]:
-    return load_documents(CorpusConfig(source=str(source), **kw))
+    return [doc for _, doc in iter_documents(CorpusConfig(source=str(source), **kw))]
 
 
 def test_text_file_and_folder(tmp_path):
@@ -54,7 +54,18 @@ def test_jsonl_parquet_and_datasets_agree(tmp_path):
 def test_bad_corpora(tmp_path, name, content, kw, needle):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(LprError, match=needle):
-        load(tmp_path / name, **kw)
+        describe_corpus(CorpusConfig(source=str(tmp_path / name), **kw))  # the check a stage makes first
+
+
+def test_describe_counts_and_hashes(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_texts(50)))
+    summary = describe_corpus(CorpusConfig(source=str(path)))
+    assert summary.documents == 50 == summary.train_documents + summary.heldout_documents
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_texts(50, seed=9)))
+    assert describe_corpus(CorpusConfig(source=str(path))).digest != summary.digest
+    with pytest.raises(LprError, match="no training documents"):
+        describe_corpus(CorpusConfig(source=str(path), heldout_fraction=0.999999))
 
 
 def test_missing_corpus_and_parquet_column(tmp_path):
@@ -70,8 +81,8 @@ def test_missing_corpus_and_parquet_column(tmp_path):
 
 def test_split_is_by_document_and_stable():
     docs = [Document(name=f"doc{i}", text="x") for i in range(2000)]
-    train = split_documents(docs, split="train", heldout_fraction=0.1)
-    held = split_documents(docs, split="heldout", heldout_fraction=0.1)
+    train = list(split_documents(enumerate(docs), split="train", heldout_fraction=0.1))
+    held = list(split_documents(enumerate(docs), split="heldout", heldout_fraction=0.1))
     assert {i for i, _ in train}.isdisjoint({i for i, _ in held})
     assert len(train) + len(held) == len(docs)
     assert 150 < len(held) < 250

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline import cli
 from pipeline.config import RunConfig
-from pipeline.corpus import iter_packed, load_documents, split_documents
+from pipeline.corpus import iter_documents, iter_packed, split_documents
 from pipeline.demo_model import REPORT_NAME, ensure_demo_model
 from pipeline.models import find_routers, load_model
 from storage.states import LAYER_ARRAYS, StatesReader
@@ -41,7 +41,9 @@ def test_demo_dump_is_complete_and_faithful(demo_path, tmp_path, monkeypatch):
     cli.run()
     cfg = RunConfig()
     model, tokenizer = load_model(cfg.model, str(demo_path))
-    docs = split_documents(load_documents(cfg.corpus), split="train", heldout_fraction=cfg.corpus.heldout_fraction)
+    docs = list(
+        split_documents(iter_documents(cfg.corpus), split="train", heldout_fraction=cfg.corpus.heldout_fraction)
+    )
     fed = sum(len(s.ids) for s in iter_packed(docs, tokenizer=tokenizer, seq_len=256, max_tokens=cfg.dump.max_tokens))
     reader = StatesReader(str(run_dir / "states.zarr"))
     sites = find_routers(model)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.config import build_config
-from pipeline.corpus import iter_packed, load_documents, split_documents
+from pipeline.corpus import iter_documents, iter_packed, split_documents
 from pipeline.dump import run_dump
 from pipeline.models import find_routers, load_model
 from storage.rundir import RunDir
@@ -25,7 +25,9 @@ def _dump(tmp_path, tiny_model, tiny_corpus, name="run", **dump):
 def test_rows_equal_non_padding_tokens(tmp_path, tiny_model, tiny_corpus):
     cfg, run, manifest = _dump(tmp_path, tiny_model, tiny_corpus)
     _, tokenizer = load_model(cfg.model, str(tiny_model))
-    docs = split_documents(load_documents(cfg.corpus), split="train", heldout_fraction=cfg.corpus.heldout_fraction)
+    docs = list(
+        split_documents(iter_documents(cfg.corpus), split="train", heldout_fraction=cfg.corpus.heldout_fraction)
+    )
     seqs = list(iter_packed(docs, tokenizer=tokenizer, seq_len=cfg.corpus.seq_len, max_tokens=None))
     assert len(seqs[-1].ids) < cfg.corpus.seq_len  # the last batch really is padded
     expected_ids = np.concatenate([s.ids for s in seqs])
@@ -41,7 +43,7 @@ def test_rows_equal_non_padding_tokens(tmp_path, tiny_model, tiny_corpus):
     for layer in reader.layers:
         for name in ("x", "logits", "topk_idx", "topk_w"):
             assert reader.group[f"{layer}/{name}"].shape[0] == reader.num_rows
-    held = {i for i, _ in split_documents(load_documents(cfg.corpus), split="heldout", heldout_fraction=0.1)}
+    held = {i for i, _ in split_documents(iter_documents(cfg.corpus), split="heldout", heldout_fraction=0.1)}
     assert held and not held & set(np.unique(reader.read("doc_id")).tolist())
 
 
