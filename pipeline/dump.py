@@ -234,7 +234,7 @@ def run_dump(*, cfg: RunConfig, run: RunDir, force: bool = False) -> Manifest:
             background.close()
     if writer is None:
         raise LprError("the corpus produced no tokens to dump", "check --corpus and dump.max_tokens")
-    writer.finish({"documents": len({i for i, _ in docs})})
+    writer.finish({"corpus_documents": corpus.documents, "train_documents": corpus.train_documents})
     rows = writer.committed_rows
     reader = StatesReader(store_url, run.storage_options)
     stats = {
