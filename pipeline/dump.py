@@ -14,7 +14,7 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,7 @@ from pipeline.config import RunConfig
 from pipeline.corpus import PackedSequence, describe_corpus, iter_documents, iter_packed, split_documents
 from pipeline.errors import LprError
 from pipeline.models import RouterSite, find_routers, load_config, load_model, model_identity, resolve_model_path
-from pipeline.progress import info, progress_bar
+from pipeline.progress import Bar, info, progress_bar
 from pipeline.stages import build_manifest, previous_run
 from storage.rundir import Manifest, RunDir, fingerprint
 from storage.states import StatesReader, StatesWriter, StoreLayout
@@ -167,6 +167,44 @@ def forward_base(model: nn.Module, batch: dict[str, torch.Tensor], device: torch
     )
 
 
+def write_states(
+    *,
+    model: nn.Module,
+    sites: list[RouterSite],
+    batches: Iterable[list[PackedSequence]],
+    pad_id: int,
+    writer: StatesWriter | None,
+    create_store: Callable[[list[dict[str, torch.Tensor]]], StatesWriter],
+    bar: Bar,
+) -> tuple[StatesWriter | None, int]:
+    """Forward every batch with capture hooks on, handing rows to a background writer.
+
+    ``create_store(records)`` makes the store on the first batch when there is none to resume
+    (its layout comes from what the routers returned). Returns the writer and the rows written.
+    """
+    device = next(model.parameters()).device
+    capture = RouterCapture(sites)
+    background = BackgroundWriter(writer) if writer is not None else None
+    rows, started = 0, time.time()
+    try:
+        with torch.inference_mode():
+            for seqs in batches:
+                batch = pad_batch(seqs, pad_id)
+                forward_base(model, batch, device)
+                records = capture.take(batch["mask"])
+                if background is None:
+                    writer = create_store(records)
+                    background = BackgroundWriter(writer)
+                background.put({k: batch[k] for k in ("token_id", "doc_id", "position")}, records, len(seqs))
+                rows += len(batch["token_id"])
+                bar.advance(len(batch["token_id"]), note=f"{rows / max(time.time() - started, 1e-9):,.0f} tok/s")
+    finally:
+        capture.close()
+        if background is not None:
+            background.close()  # waits for the last write; re-raises a write error
+    return writer, rows
+
+
 def run_dump(*, cfg: RunConfig, run: RunDir, force: bool = False) -> Manifest:
     """Write ``states.zarr`` for the train split of the corpus. Returns the stage's manifest."""
     started = time.time()
@@ -181,57 +219,45 @@ def run_dump(*, cfg: RunConfig, run: RunDir, force: bool = False) -> Manifest:
 
     model, tokenizer = load_model(cfg.model, model_path)
     sites = find_routers(model)
-    device = next(model.parameters()).device
     store_url = run.url_of(run.partial_path(STAGE))
     if force and run.fs.exists(run.partial_path(STAGE)):
         run.fs.rm(run.partial_path(STAGE), recursive=True)
     writer = StatesWriter.resume(store_url, fingerprint=fp, storage_options=run.storage_options)
-    if writer is not None and writer.committed_rows:
-        info(f"[bold]dump[/]: resuming at row {writer.committed_rows:,} (sequence {writer.committed_seqs:,})")
+    resumed_rows = writer.committed_rows if writer else 0
+    if resumed_rows:
+        info(f"[bold]dump[/]: resuming at row {resumed_rows:,} (sequence {writer.committed_seqs:,})")
     store_attrs = {
-        "model": model_path if cfg.model.path != "demo" else "demo",
+        "model": "demo" if cfg.model.path == "demo" else model_path,
         "model_path": model_path,
         "revision": cfg.model.revision,
         "family": model.config.model_type,
         "corpus": cfg.corpus.source,
         "seq_len": cfg.corpus.seq_len,
     }
+
+    def create_store(records: list[dict[str, torch.Tensor]]) -> StatesWriter:
+        layout = layout_for(sites, records, cfg)
+        return StatesWriter.create(
+            store_url, layout=layout, attrs=store_attrs, fingerprint=fp, storage_options=run.storage_options
+        )
+
     docs = split_documents(iter_documents(cfg.corpus), split="train", heldout_fraction=cfg.corpus.heldout_fraction)
     sequences = iter_packed(docs, tokenizer=tokenizer, seq_len=cfg.corpus.seq_len, max_tokens=cfg.dump.max_tokens)
     sequences = itertools.islice(sequences, writer.committed_seqs if writer else 0, None)
-    capture = RouterCapture(sites)
-    background: BackgroundWriter | None = None
-    batch_seqs = max(1, cfg.dump.batch_tokens // cfg.corpus.seq_len)
-    resumed_rows = writer.committed_rows if writer else 0
-    new_rows = 0
+    batches = batched(sequences, max(1, cfg.dump.batch_tokens // cfg.corpus.seq_len))
     loop_started = time.time()
-    try:
-        with torch.inference_mode(), progress_bar("dump", cfg.dump.max_tokens) as bar:
-            bar.advance(resumed_rows)
-            for seqs in batched(sequences, batch_seqs):
-                batch = pad_batch(seqs, tokenizer.pad_token_id)
-                forward_base(model, batch, device)
-                records = capture.take(batch["mask"])
-                if writer is None:
-                    layout = layout_for(sites, records, cfg)
-                    writer = StatesWriter.create(
-                        store_url, layout=layout, attrs=store_attrs, fingerprint=fp, storage_options=run.storage_options
-                    )
-                if background is None:
-                    background = BackgroundWriter(writer)
-                shared = {k: batch[k] for k in ("token_id", "doc_id", "position")}
-                background.put(shared, records, len(seqs))
-                new_rows += len(batch["token_id"])
-                rate = new_rows / max(time.time() - loop_started, 1e-9)
-                bar.advance(len(batch["token_id"]), note=f"{rate:,.0f} tok/s")
-        if background is not None:
-            background.close()
-            background = None
-        loop_seconds = time.time() - loop_started
-    finally:
-        capture.close()
-        if background is not None:
-            background.close()
+    with progress_bar("dump", cfg.dump.max_tokens) as bar:
+        bar.advance(resumed_rows)
+        writer, new_rows = write_states(
+            model=model,
+            sites=sites,
+            batches=batches,
+            pad_id=tokenizer.pad_token_id,
+            writer=writer,
+            create_store=create_store,
+            bar=bar,
+        )
+    loop_seconds = time.time() - loop_started
     if writer is None:
         raise LprError("the corpus produced no tokens to dump", "check --corpus and dump.max_tokens")
     writer.finish({"corpus_documents": corpus.documents, "train_documents": corpus.train_documents})
