@@ -159,8 +159,17 @@ class RunDir:
         final, partial = self.output_path(stage), self.partial_path(stage)
         if self.fs.exists(final):
             self.fs.rm(final, recursive=True)
-        self.fs.mv(partial, final, recursive=True)
+        self._move_tree(partial, final)
         self.write_text(self.manifest_path(stage), manifest.model_dump_json(indent=2))
+
+    def _move_tree(self, source: str, target: str) -> None:
+        """A rename on local disk; on object stores (no directories, no rename) copy each object, then delete."""
+        if self.is_local:
+            self.fs.mv(source, target, recursive=True)
+            return
+        for key in self.fs.find(source):
+            self.fs.copy(key, target + key[len(source) :])
+        self.fs.rm(source, recursive=True)
 
     def size_bytes(self, path: str) -> int:
         if not self.fs.exists(path):
