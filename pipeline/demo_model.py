@@ -154,7 +154,7 @@ def train_demo_model(cfg: DemoConfig, *, seed: int, out_dir: Path) -> dict[str, 
     docs = demo_documents(max_chars=cfg.corpus_chars)
     train_docs = list(split_documents(enumerate(docs), split="train", heldout_fraction=DEMO_HELDOUT_FRACTION))
     held_docs = list(split_documents(enumerate(docs), split="heldout", heldout_fraction=DEMO_HELDOUT_FRACTION))
-    info(f"demo corpus: {len(docs)} documents ({len(train_docs)} train, {len(held_docs)} held out)")
+    info(f"demo corpus: {len(docs)} documents ({len(train_docs)} train, {len(held_docs)} held out); training tokenizer")
     tokenizer = train_tokenizer([d for _, d in train_docs], cfg.vocab_size)
     train = _stack(
         list(iter_packed(train_docs, tokenizer=tokenizer, seq_len=cfg.seq_len, max_tokens=None)), cfg.seq_len
@@ -163,6 +163,7 @@ def train_demo_model(cfg: DemoConfig, *, seed: int, out_dir: Path) -> dict[str, 
     info(f"demo tokens: {train.numel():,} train, {held.numel():,} held out over {len(held)} documents")
 
     model = Qwen3MoeForCausalLM(model_config(cfg, tokenizer))
+    info("evaluating the untrained model (the perplexity baseline)")
     untrained = evaluate(model, held, cfg.top_k)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = max(1, cfg.train_steps // 20)
