@@ -66,9 +66,13 @@ class DemoConfig(_Section):
     corpus_chars: int = Field(6_000_000, ge=10_000)  # demo corpus size used for training
     seq_len: int = Field(256, ge=8)
     batch_size: int = Field(16, ge=1)  # sequences per training step
-    train_steps: int = Field(420, ge=1)
+    train_steps: int = Field(360, ge=1)
     lr: float = Field(2e-3, gt=0)
-    balance_coef: float = Field(3e-3, ge=0)  # per-layer Switch loss weight (weak on purpose)
+    balance_coef: float = Field(5e-3, ge=0)  # per-layer Switch loss weight from mid-training on (weak on purpose)
+    balance_coef_start: float = Field(
+        2e-2, ge=0
+    )  # weight at step 0, decaying linearly to balance_coef by mid-training:
+    # every expert gets trained early, then the routing is left to drift uneven, as in production checkpoints
     eval_sequences: int = Field(128, ge=1)  # held-out sequences for the build report
     cache_dir: str | None = None  # default: $LPR_DISTILL_CACHE or ~/.cache/lpr-distill
 

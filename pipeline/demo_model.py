@@ -107,6 +107,14 @@ def per_layer_switch_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -
     return torch.stack(losses).mean()
 
 
+def balance_weight(cfg: DemoConfig, step: int) -> float:
+    """Weight of the balance loss at ``step``: linear from balance_coef_start to balance_coef by mid-training."""
+    if cfg.variant == "collapsed":
+        return 0.0
+    progress = min(1.0, step / max(1, cfg.train_steps // 2))
+    return cfg.balance_coef_start + (cfg.balance_coef - cfg.balance_coef_start) * progress
+
+
 def _stack(seqs: list[PackedSequence], seq_len: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([s.ids for s in seqs if len(s.ids) == seq_len]))
 
@@ -173,18 +181,17 @@ def train_demo_model(cfg: DemoConfig, *, seed: int, out_dir: Path) -> dict[str, 
     )
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(train))
-    coef = cfg.balance_coef if cfg.variant == "balanced" else 0.0
     model.train()
     cursor = 0
     with progress_bar("training demo model", cfg.train_steps) as bar:
-        for _ in range(cfg.train_steps):
+        for step in range(cfg.train_steps):
             if cursor + cfg.batch_size > len(order):
                 order, cursor = rng.permutation(len(train)), 0
             ids = train[order[cursor : cursor + cfg.batch_size]]
             cursor += cfg.batch_size
             out = model(input_ids=ids, labels=ids, output_router_logits=True)
             balance = per_layer_switch_loss(out.router_logits, cfg.top_k)
-            loss = out.loss + coef * balance
+            loss = out.loss + balance_weight(cfg, step) * balance
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -195,7 +202,7 @@ def train_demo_model(cfg: DemoConfig, *, seed: int, out_dir: Path) -> dict[str, 
     report = {
         "variant": cfg.variant,
         "seed": seed,
-        "balance_coef": coef,
+        "balance_coef": [balance_weight(cfg, 0), balance_weight(cfg, cfg.train_steps - 1)],
         "train_tokens_seen": cfg.train_steps * cfg.batch_size * cfg.seq_len,
         "heldout_documents": len(held),
         "heldout_tokens": int(held.numel()),

@@ -82,3 +82,13 @@ def test_demo_command_dumps_every_layer(tmp_path, monkeypatch, capsys):
     status = json.loads(capsys.readouterr().out)["stages"]["dump"]
     assert status["complete"] and status["states"]["rows"] == 2000
     assert set(status["states"]["layers"]) == {"layer_000", "layer_001"}
+
+
+def test_balance_weight_schedule():
+    from pipeline.demo_model import balance_weight
+
+    cfg = DemoConfig(train_steps=100, balance_coef=0.005, balance_coef_start=0.02)
+    assert balance_weight(cfg, 0) == pytest.approx(0.02)
+    assert balance_weight(cfg, 25) == pytest.approx(0.0125)
+    assert balance_weight(cfg, 50) == balance_weight(cfg, 99) == pytest.approx(0.005)
+    assert balance_weight(DemoConfig(variant="collapsed"), 0) == 0.0
