@@ -48,7 +48,8 @@ class DumpConfig(_Section):
     max_tokens: int | None = Field(262_144, ge=1)  # token budget over the train split; null = all of it
     batch_tokens: int = Field(8_192, ge=8)  # tokens per forward pass (batch = batch_tokens // seq_len)
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # storage dtype of x
-    chunk_rows: int = Field(16_384, ge=1)  # rows per Zarr chunk
+    chunk_rows: int | None = Field(None, ge=1)  # rows per Zarr chunk; null: batch_tokens, so each batch
+    # fills whole chunks (no read-modify-write of a half-written chunk)
     codec: Literal["none", "lz4", "zstd"] = "none"  # activations barely compress: none writes fastest
 
 

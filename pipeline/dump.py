@@ -155,7 +155,7 @@ def layout_for(sites: list[RouterSite], records: list[dict[str, torch.Tensor]], 
         num_experts=int(first["logits"].shape[-1]),
         top_k=int(first["topk_idx"].shape[-1]),
         x_dtype=cfg.dump.dtype,
-        chunk_rows=cfg.dump.chunk_rows,
+        chunk_rows=cfg.dump.chunk_rows or cfg.dump.batch_tokens,
         codec=cfg.dump.codec,
     )
 
