@@ -28,7 +28,13 @@ from pipeline.models import RouterSite, find_routers, load_config, load_model, m
 from pipeline.progress import Bar, info, progress_bar
 from pipeline.stages import build_manifest, previous_run
 from storage.rundir import Manifest, RunDir, fingerprint
-from storage.states import StatesReader, StatesWriter, StoreLayout
+from storage.states import (
+    StatesReader,
+    StatesWriter,
+    StoreLayout,
+    lower_thread_priority,
+    lower_zarr_io_priority,
+)
 
 STAGE = "dump"
 
@@ -40,8 +46,9 @@ class RouterCapture:
     device, restricted to the non-padding rows of the flattened batch.
     """
 
-    def __init__(self, sites: list[RouterSite]) -> None:
+    def __init__(self, sites: list[RouterSite], x_dtype: torch.dtype) -> None:
         self.sites = sites
+        self.x_dtype = x_dtype  # x is cast to its storage dtype at once, on the model's device: half the bytes to keep
         self._records: list[tuple[torch.Tensor, ...] | None] = [None] * len(sites)
         self._handles = [site.module.register_forward_hook(self._hook(i)) for i, site in enumerate(sites)]
 
@@ -52,27 +59,21 @@ class RouterCapture:
                     f"router {self.sites[index].name} returns {type(output).__name__}, not (logits, weights, indices)",
                     "this MoE family's router does not follow the transformers 5 contract; it is not supported",
                 )
-            x = args[0]
-            logits, weights, indices = output
-            self._records[index] = (x.reshape(-1, x.shape[-1]), logits, weights, indices)
+            self._records[index] = (args[0], *output)
 
         return record
 
     def take(self, mask: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         out = []
+        rows = None if bool(mask.all()) else mask.nonzero().squeeze(1)  # no copy when nothing is padding
         for site, record in zip(self.sites, self._records, strict=True):
             if record is None:
                 raise LprError(f"router {site.name} was not called in the forward pass", "this model is not supported")
-            x, logits, weights, indices = record
-            keep = mask.to(x.device)
-            out.append(
-                {
-                    "x": x[keep].detach(),
-                    "logits": logits.reshape(-1, logits.shape[-1])[keep].detach(),
-                    "topk_w": weights.reshape(-1, weights.shape[-1])[keep].detach(),
-                    "topk_idx": indices.reshape(-1, indices.shape[-1])[keep].detach(),
-                }
-            )
+            x, logits, weights, indices = (t.reshape(-1, t.shape[-1]).detach() for t in record)
+            if rows is not None:
+                keep = rows.to(x.device)
+                x, logits, weights, indices = (t.index_select(0, keep) for t in (x, logits, weights, indices))
+            out.append({"x": x.to(self.x_dtype), "logits": logits, "topk_w": weights, "topk_idx": indices})
         self._records = [None] * len(self.sites)
         return out
 
@@ -86,12 +87,14 @@ class BackgroundWriter:
 
     def __init__(self, writer: StatesWriter, depth: int = 2) -> None:
         self.writer = writer
+        lower_zarr_io_priority()
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="states-writer", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        lower_thread_priority()
         while (item := self._queue.get()) is not None:
             if self._error is None:
                 try:
@@ -176,6 +179,7 @@ def write_states(
     writer: StatesWriter | None,
     create_store: Callable[[list[dict[str, torch.Tensor]]], StatesWriter],
     bar: Bar,
+    x_dtype: torch.dtype,
 ) -> tuple[StatesWriter | None, int]:
     """Forward every batch with capture hooks on, handing rows to a background writer.
 
@@ -183,7 +187,7 @@ def write_states(
     (its layout comes from what the routers returned). Returns the writer and the rows written.
     """
     device = next(model.parameters()).device
-    capture = RouterCapture(sites)
+    capture = RouterCapture(sites, x_dtype)
     background = BackgroundWriter(writer) if writer is not None else None
     rows, started = 0, time.time()
     try:
@@ -256,6 +260,7 @@ def run_dump(*, cfg: RunConfig, run: RunDir, force: bool = False) -> Manifest:
             writer=writer,
             create_store=create_store,
             bar=bar,
+            x_dtype=getattr(torch, cfg.dump.dtype),
         )
     loop_seconds = time.time() - loop_started
     if writer is None:

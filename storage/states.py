@@ -16,12 +16,17 @@
 Appends are crash-safe: rows are written first and ``committed_rows`` (with ``committed_seqs``,
 the number of packed sequences they came from) is written last, in the root's ``zarr.json``,
 which the store replaces atomically. Rows past the committed count are garbage to overwrite.
-Arrays grow a chunk at a time; ``finish`` trims them to the committed count.
+Arrays grow geometrically; ``finish`` trims them to the committed count.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +34,7 @@ import numpy as np
 import torch
 import zarr
 import zarr.codecs
+from zarr.core.sync import _get_loop as zarr_loop
 from zarr.core.sync import sync
 
 from pipeline.errors import LprError
@@ -76,6 +82,29 @@ def _open_group(url: str, mode: str, storage_options: dict[str, Any] | None) -> 
         raise LprError(f"cannot write the states store at {url}", "check the run directory's permissions") from None
 
 
+IO_NICENESS = 10  # CPU priority of the threads that write the store (higher = lower priority)
+
+
+def lower_thread_priority() -> None:
+    """Lower the calling thread's CPU priority (Linux; elsewhere a no-op).
+
+    The dump writes while the model computes. On a CPU machine every core runs the forward pass,
+    and a writer thread that preempts one of torch's worker threads stalls the whole parallel op;
+    at low priority the writes fill the gaps instead (measured on 2 cores: dump/forward ratio
+    0.91 → 0.95, paired runs).
+    """
+    with contextlib.suppress(AttributeError, OSError):  # no setpriority on this platform, or not allowed
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), IO_NICENESS)
+
+
+@functools.cache
+def lower_zarr_io_priority() -> None:
+    """Run zarr's I/O event loop and the threads that write its files at low priority (once per process)."""
+    loop = zarr_loop()
+    loop.call_soon_threadsafe(lower_thread_priority)
+    loop.set_default_executor(ThreadPoolExecutor(initializer=lower_thread_priority, thread_name_prefix="zarr-write"))
+
+
 def to_torch(array: np.ndarray, logical_dtype: str) -> torch.Tensor:
     """Rows read from ``x`` as a tensor of their logical dtype (bfloat16 is stored as its uint16 bits)."""
     tensor = torch.from_numpy(np.ascontiguousarray(array))
@@ -96,10 +125,9 @@ class StatesWriter:
         self.group = group
         self.attrs = dict(group.attrs)
         self.layers = list(self.attrs["layers"])
-        self._arrays = {name: group[name] for name in SHARED_ARRAYS}
-        for layer in self.layers:
-            for name in LAYER_ARRAYS:
-                self._arrays[f"{layer}/{name}"] = group[f"{layer}/{name}"]
+        keys = list(SHARED_ARRAYS) + [f"{layer}/{name}" for layer in self.layers for name in LAYER_ARRAYS]
+        # Rows are never all zero: skip zarr's per-chunk "is it empty?" scan (a third of the write CPU, measured).
+        self._arrays = {key: group[key].with_config({"write_empty_chunks": True}) for key in keys}
 
     @classmethod
     def resume(
@@ -139,7 +167,14 @@ class StatesWriter:
         def add_array(parent: zarr.Group, name: str, width: int | None, dtype: Any) -> None:
             shape = (0,) if width is None else (0, width)
             chunks = (rows,) if width is None else (rows, width)
-            parent.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=compressors, fill_value=0)
+            parent.create_array(
+                name,
+                shape=shape,
+                chunks=chunks,
+                dtype=dtype,
+                compressors=compressors,
+                fill_value=0,
+            )
 
         for name, dtype in SHARED_ARRAYS.items():
             add_array(group, name, None, dtype)
@@ -196,13 +231,14 @@ class StatesWriter:
         self._set_attrs(committed_rows=stop, committed_seqs=self.committed_seqs + n_seqs)
 
     async def _write_rows(self, start: int, stop: int, values: dict[str, np.ndarray]) -> None:
-        """Grow (a chunk at a time) and fill every array concurrently: one round trip, not one per array."""
+        """Grow and fill every array concurrently: one round trip, not one per array."""
 
         async def write(key: str, array: zarr.Array) -> None:
             target = array._async_array
-            if target.shape[0] < stop:
+            if target.shape[0] < stop:  # grow geometrically: O(log N) metadata rewrites, not one per batch
                 chunk = target.chunks[0]
-                await target.resize((-(-stop // chunk) * chunk, *target.shape[1:]))  # in place
+                capacity = -(-max(stop, 2 * target.shape[0]) // chunk) * chunk
+                await target.resize((capacity, *target.shape[1:]))  # in place
             await target.setitem(slice(start, stop), values[key].astype(array.dtype, copy=False))
 
         await asyncio.gather(*(write(key, array) for key, array in self._arrays.items()))
