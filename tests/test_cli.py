@@ -131,3 +131,14 @@ def test_bad_rerun_keeps_the_complete_stage(monkeypatch, capsys, tmp_path, tiny_
     assert_one_line_error(code, err, "does not exist")
     _, out, _ = invoke(monkeypatch, capsys, "status", str(run), "--json")
     assert json.loads(out)["stages"]["dump"]["complete"]
+
+
+def test_run_command_runs_every_stage(monkeypatch, capsys, tmp_path, tiny_model, tiny_corpus):
+    config = tmp_path / "nightly.yaml"
+    config.write_text(yaml.safe_dump(tiny_run_config(tiny_model, tiny_corpus, max_tokens=150)))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = invoke(monkeypatch, capsys, "run", str(config))
+    assert code == 0, err
+    _, out, _ = invoke(monkeypatch, capsys, "status", "runs/nightly", "--json")
+    stages = json.loads(out)["stages"]
+    assert stages["dump"]["complete"] and stages["dump"]["states"]["rows"] == 150
