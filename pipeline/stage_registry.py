@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pipeline.config import RunConfig
 from pipeline.dump import run_dump
-from storage.rundir import Manifest, RunDir
+from storage.rundir import Manifest
 
 StageFunction = Callable[..., Manifest]  # run_<stage>(*, cfg: RunConfig, run: RunDir, force: bool) -> Manifest
 
 STAGE_FUNCTIONS: dict[str, StageFunction] = {
     "dump": run_dump,
 }
-
-__all__ = ["STAGE_FUNCTIONS", "RunConfig", "RunDir", "StageFunction"]
