@@ -144,14 +144,14 @@ def status(
         print(json.dumps(report))
         return
     table = Table(title=f"lpr-distill run {run_dir}")
-    for column in ("stage", "state", "finished", "seconds", "size", "details"):
+    for column in ("stage", "state", "finished (UTC)", "seconds", "size", "details"):
         table.add_column(column)
     for stage, info in report["stages"].items():
         state = "[green]complete[/]" if info["complete"] else ("[yellow]partial[/]" if info.get("partial") else "—")
         size = f"{info['bytes'] / 2**20:,.1f} MiB" if info.get("bytes") else ""
-        table.add_row(
-            stage, state, info.get("finished_at", ""), str(info.get("seconds", "")), size, info.get("details", "")
-        )
+        finished = info.get("finished_at", "").replace("T", " ").removesuffix("+00:00")  # UTC
+        seconds = f"{info['seconds']:.1f}" if "seconds" in info else ""
+        table.add_row(stage, state, finished, seconds, size, info.get("details", ""))
     out.print(table)
 
 
