@@ -24,6 +24,7 @@ from torch import nn
 from pipeline.config import RunConfig
 from pipeline.corpus import PackedSequence, describe_corpus, iter_documents, iter_packed, split_documents
 from pipeline.errors import LprError
+from pipeline.families import FAMILIES
 from pipeline.models import RouterSite, find_routers, load_config, load_model, model_identity, resolve_model_path
 from pipeline.progress import Bar, info, progress_bar
 from pipeline.stages import build_manifest, previous_run
@@ -235,6 +236,7 @@ def run_dump(*, cfg: RunConfig, run: RunDir, force: bool = False) -> Manifest:
         "model_path": model_path,
         "revision": cfg.model.revision,
         "family": model.config.model_type,
+        "weight_convention": FAMILIES[model.config.model_type].weights,
         "corpus": cfg.corpus.source,
         "seq_len": cfg.corpus.seq_len,
     }

@@ -16,8 +16,7 @@ from pipeline.errors import LprError
 @dataclass(frozen=True)
 class Family:
     model_type: str  # transformers' config.model_type
-    weights: str  # weight convention of the original router
-    input_rank: int = 2  # 2: router gets (T, H); 3: (B, L, H)
+    weights: str  # weight convention of the original router (recorded in the states store)
 
 
 FAMILIES: dict[str, Family] = {

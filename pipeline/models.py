@@ -9,7 +9,6 @@ is the router class. Matching by ``isinstance`` (never by a name like ``gate``, 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from torch import nn
 
 from pipeline.config import ModelConfig, RunConfig
 from pipeline.errors import LprError
-from pipeline.families import FAMILIES, family_of
+from pipeline.families import family_of
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -179,9 +178,3 @@ def model_identity(path: str, revision: str | None) -> dict[str, Any]:
                 handle.seek(max(0, size - 2**20))
                 digest.update(handle.read(2**20))
     return {"model": str(local.resolve()), "revision": revision, "hash": digest.hexdigest()[:16]}
-
-
-def model_family_info(model: nn.Module) -> dict[str, Any]:
-    config = model.config
-    family = FAMILIES[family_of(config)]
-    return {"family": config.model_type, "weights": family.weights, "config": json.loads(config.to_json_string())}

@@ -31,6 +31,7 @@ def test_capture_on_each_family(tmp_path, tiny_corpus, family):
     run_dump(cfg=cfg, run=run)
     reader = StatesReader(run.url_of(run.output_path("dump")))
     assert reader.num_rows == 300 and reader.attrs["family"] == family
+    assert reader.attrs["weight_convention"] == FAMILIES[family].weights
     x = reader.read_x(reader.layers[-1]).float()
     logits = sites[-1].module(x)[0].detach()
     np.testing.assert_allclose(logits.numpy(), reader.read("logits", layer=reader.layers[-1]), atol=2e-3, rtol=2e-3)
