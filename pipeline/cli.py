@@ -16,7 +16,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.config import RunConfig, apply_overrides, build_config, parse_override, read_yaml, to_yaml
+from pipeline.config import (
+    RunConfig,
+    apply_overrides,
+    build_config,
+    parse_override,
+    parse_yaml,
+    read_yaml,
+    to_yaml,
+)
 from pipeline.errors import LprError
 from pipeline.stage_registry import STAGE_FUNCTIONS
 from storage.rundir import RunDir
@@ -47,9 +55,8 @@ def resolve_config(
     if config is not None:
         data, origin = read_yaml(config), str(config)
     elif run is not None and (text := run.read_config()) is not None:
-        import yaml
-
-        data, origin = yaml.safe_load(text) or {}, run.path("config.yaml")
+        origin = run.path("config.yaml")
+        data = parse_yaml(text, origin=origin)
     overrides = [parse_override(s) for s in sets or []]
     overrides += [(key.split("."), value) for key, value in (flags or {}).items() if value is not None]
     return build_config(apply_overrides(data, overrides), origin=origin)

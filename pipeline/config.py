@@ -157,14 +157,23 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise LprError(f"config file {path} does not exist", "pass an existing YAML file to --config")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LprError(f"config file {path} is not valid YAML (not UTF-8)", "fix the file's encoding") from None
+    return parse_yaml(text, origin=str(path))
+
+
+def parse_yaml(text: str, *, origin: str) -> dict[str, Any]:
+    """A config's sections from YAML text (a file's, or a run directory's config.yaml at any URL)."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise LprError(f"config file {path} is not valid YAML ({first})", "fix the file's syntax") from None
+        raise LprError(f"config file {origin} is not valid YAML ({first})", "fix the file's syntax") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise LprError(f"config file {path} must hold a mapping of sections", "start it with e.g. `model:`")
+        raise LprError(f"config file {origin} must hold a mapping of sections", "start it with e.g. `model:`")
     return data
 
 

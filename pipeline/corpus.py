@@ -131,15 +131,20 @@ def _read_dataset(source: str, field: str) -> Iterator[Document]:
             row += 1
 
 
+def _existing(source: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(source)
+    if not fs.exists(path):
+        raise LprError(f"corpus {source} does not exist", "pass an existing file, folder or URL as --corpus")
+    return fs, path
+
+
 def detect_format(source: str) -> str:
     """The corpus format implied by a source string (``corpus.format: auto``)."""
     if source == "demo":
         return "demo"
     if source.startswith("hf:"):
         return "datasets"
-    fs, path = fsspec.core.url_to_fs(source)
-    if not fs.exists(path):
-        raise LprError(f"corpus {source} does not exist", "pass an existing file, folder or URL as --corpus")
+    fs, path = _existing(source)
     if fs.isdir(path):
         names = {p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
         return "datasets" if {"dataset_info.json", "state.json", "dataset_dict.json"} & names else "text"
@@ -163,9 +168,7 @@ def iter_documents(cfg: CorpusConfig) -> Iterator[tuple[int, Document]]:
     elif fmt == "datasets":
         docs = _read_dataset(cfg.source, cfg.text_field)
     else:
-        fs, path = fsspec.core.url_to_fs(cfg.source)
-        if not fs.exists(path):
-            raise LprError(f"corpus {cfg.source} does not exist", "pass an existing file, folder or URL as --corpus")
+        fs, path = _existing(cfg.source)
         readers = {"text": _read_text, "jsonl": _read_jsonl, "parquet": _read_parquet}
         docs = readers[fmt](fs, path) if fmt == "text" else readers[fmt](fs, path, cfg.text_field)
     yield from enumerate(d for d in docs if d.text.strip())
