@@ -1,0 +1,229 @@
+"""Exactly balanced k-means: Lloyd iterations whose assignment step is a capacity-constrained auction.
+
+FAISS does every nearest-centroid search (on a GPU when FAISS sees one); ``pipeline.auction``
+turns the m nearest candidates of each point into an assignment where every cluster gets
+⌊N·kp/k⌋ or ⌈N·kp/k⌉ slots, optimal for the current centroids to within a relative ``tol``.
+The auction's prices carry over from one iteration to the next (centroids move little), so after
+the first iteration each assignment costs about one pass over the candidates.
+
+Pure arrays in, ``(result, stats)`` out; seeded and deterministic on CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+from pipeline.auction import auction
+from pipeline.errors import LprError
+
+_THETA = 5.0  # ε shrinks by this factor per auction phase
+_EPS_START = 0.1  # ε of the first phase, relative to the mean nearest squared distance
+_STEP_TOL = 1e-2  # tolerance of the intermediate Lloyd steps (the final step goes down to `tol`)
+_EPS_PER_SHIFT = 0.05  # ε of a Lloyd step, relative to how much the distances just moved
+
+
+@dataclass(frozen=True)
+class BalancedKMeans:
+    """The clustering of N points into k clusters, each point taking ``top_k`` distinct clusters."""
+
+    centroids: np.ndarray  # (k, d) float32, the mean of each cluster's points
+    assignment: np.ndarray  # (N, top_k) int64, each row sorted by cost + price (first = best)
+    prices: np.ndarray  # (k,) float64 b_j, mean 0: argmin-top_k of ‖x − c_j‖² + b_j reproduces `assignment`
+    sizes: np.ndarray  # (k,) int64 slots per cluster: ⌊N·top_k/k⌋ or ⌈N·top_k/k⌉
+
+
+def check_inputs(x: np.ndarray, k: int, top_k: int) -> None:
+    """Validate at the front door: every problem a user can cause is a one-line LprError."""
+    if x.ndim != 2:
+        raise LprError(f"x should be a 2-D (rows, dims) array, got shape {x.shape}", "pass one row per point")
+    if k < 2:
+        raise LprError(f"k={k} should be ≥ 2", "cluster into at least two groups")
+    if not 1 <= top_k < k:
+        raise LprError(f"top_k={top_k} should be ≥ 1 and < k={k}", "choose fewer clusters per point")
+    if x.shape[0] < k:
+        raise LprError(f"n_rows={x.shape[0]} should be ≥ k={k}", "dump more tokens or cluster into fewer groups")
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise LprError(
+            f"{rows.size:,} rows contain NaN or Inf (first: row {rows[0]})",
+            "check the model's dtype (float16 overflow?) and redo the dump",
+        )
+
+
+class Distances:
+    """Squared distances of every point to every centroid: FAISS, on a GPU when FAISS sees one.
+
+    The full (N, k) matrix is what the auction needs (in an exact balanced assignment some points
+    go to their 25th–60th nearest centroid); its memory is bounded by the sample clustered.
+    """
+
+    def __init__(self) -> None:
+        self.gpu = faiss.get_num_gpus() > 0
+        self._resources = faiss.StandardGpuResources() if self.gpu else None
+
+    def __call__(self, x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+        """x: (N, d) float32, centroids: (k, d) float32 → (N, k) float32, clipped at 0."""
+        if self.gpu:
+            dist = faiss.pairwise_distance_gpu(self._resources, x, centroids)
+        else:
+            dist = faiss.pairwise_distances(x, centroids)
+        return np.maximum(dist, 0, out=dist)  # ‖x‖² + ‖c‖² − 2x·c can dip below 0
+
+
+def update_centroids(x: np.ndarray, assignment: np.ndarray, k: int) -> np.ndarray:
+    """Mean of the points in each cluster. x: (N, d) float32, assignment: (N, kp) int64 → (k, d) float32."""
+    xt = torch.from_numpy(x)
+    sums = torch.zeros((k, x.shape[1]), dtype=torch.float32)
+    for hand in range(assignment.shape[1]):
+        sums.index_add_(0, torch.from_numpy(assignment[:, hand]), xt)
+    counts = np.bincount(assignment.reshape(-1), minlength=k)
+    return (sums.numpy() / np.maximum(counts, 1)[:, None]).astype(np.float32)
+
+
+class BalancedAssigner:
+    """Exactly balanced assignments for a sequence of centroid sets, prices carried from one to the next.
+
+    Each ``step`` computes all distances with FAISS and runs the auction from the last prices.
+    An intermediate Lloyd step stops at ε = 1 % of that scale, or more while the centroids still
+    move a lot (a more exact assignment of centroids about to move is wasted work); a ``final`` step always
+    goes down to ``tol`` × (mean squared distance to the nearest ``top_k``), the stated tolerance:
+    its total cost is then at most ``tol`` (relative) above the optimal balanced assignment.
+    """
+
+    def __init__(self, x: np.ndarray, k: int, *, top_k: int, tol: float) -> None:
+        self.x, self.k, self.top_k, self.tol = x, k, top_k, tol
+        self.distances = Distances()
+        self.state_prices = np.zeros(k)
+        self.scale: float | None = None  # mean squared distance to the nearest top_k, from the first step
+        self.last_centroids: np.ndarray | None = None
+        self.totals = {"bids": 0, "phases": 0, "distance_seconds": 0.0, "auction_seconds": 0.0}
+
+    @property
+    def prices(self) -> np.ndarray:
+        """(k,) float64 prices b_j, mean 0."""
+        return self.state_prices - self.state_prices.mean()
+
+    def schedule(self, centroids: np.ndarray, *, final: bool) -> list[float]:
+        """ε per auction phase for this step."""
+        assert self.scale is not None
+        floor = self.tol * self.scale
+        if self.last_centroids is None:
+            high = _EPS_START * self.scale
+        else:
+            # a centroid that moves by δ changes squared distances by about 2·√scale·δ; prices follow
+            shift = float(np.sqrt(((centroids - self.last_centroids) ** 2).sum(axis=1).mean()))
+            high = min(_EPS_START * self.scale, _EPS_PER_SHIFT * 2 * np.sqrt(self.scale) * shift)
+        if not final:
+            return [max(high, _STEP_TOL * self.scale)]
+        schedule = [max(high, floor)]
+        while schedule[-1] > floor * 1.0001:
+            schedule.append(max(schedule[-1] / _THETA, floor))
+        return schedule
+
+    def step(self, centroids: np.ndarray, *, final: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
+        """Assignment (N, top_k) int64 for these centroids, its costs (N, top_k) float32, the last ε."""
+        started = time.perf_counter()
+        dist = self.distances(self.x, centroids)
+        measured = time.perf_counter()
+        if self.scale is None:
+            nearest = np.partition(dist, self.top_k - 1, axis=1)[:, : self.top_k]
+            self.scale = float(nearest.mean(dtype=np.float64)) or 1e-12
+        schedule = self.schedule(centroids, final=final)
+        held, prices, bids = auction(dist, kp=self.top_k, prices=self.state_prices, eps_schedule=schedule)
+        self.state_prices = prices
+        self.last_centroids = centroids
+        self.totals["bids"] += bids
+        self.totals["phases"] += len(schedule)
+        self.totals["distance_seconds"] += measured - started
+        self.totals["auction_seconds"] += time.perf_counter() - measured
+        if final:  # each row best first, by cost + price
+            order = np.argsort(np.take_along_axis(dist, held, axis=1) + prices[held], axis=1, kind="stable")
+            held = np.take_along_axis(held, order, axis=1)
+        return held, np.take_along_axis(dist, held, axis=1), schedule[-1]
+
+
+def balanced_assign(
+    x: np.ndarray, centroids: np.ndarray, *, top_k: int = 1, tol: float = 1e-4
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One exactly balanced assignment for fixed centroids, optimal to within ``tol`` (relative).
+
+    x: (N, d) float32, centroids: (k, d) float32 → assignment (N, top_k) int64, costs (N, top_k)
+    float32, prices (k,) float64 (mean 0).
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    check_inputs(x, centroids.shape[0], top_k)
+    assigner = BalancedAssigner(x, centroids.shape[0], top_k=top_k, tol=tol)
+    held, costs, _ = assigner.step(np.ascontiguousarray(centroids, dtype=np.float32), final=True)
+    return held, costs, assigner.prices
+
+
+def balanced_kmeans(
+    x: np.ndarray,
+    k: int,
+    *,
+    top_k: int = 1,
+    niter: int = 25,
+    seed: int = 0,
+    tol: float = 1e-4,
+    init: np.ndarray | None = None,
+    on_iteration: Any = None,
+) -> tuple[BalancedKMeans, dict[str, Any]]:
+    """Balanced k-means of x: (N, d) float32 into k clusters, each point in ``top_k`` of them.
+
+    ``niter`` Lloyd iterations (assign, then move each centroid to its cluster's mean), then a final
+    assignment for the final centroids, so that centroids, prices and assignment agree. ``init``:
+    (k, d) starting centroids (default: k distinct rows drawn with ``seed``). ``on_iteration(t)`` is
+    called after each iteration (progress bars). Stats: inertia (mean squared distance per slot)
+    after each assignment, sizes, bids, time.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    check_inputs(x, k, top_k)
+    started = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    centroids = (
+        np.ascontiguousarray(init, dtype=np.float32)
+        if init is not None
+        else x[np.sort(rng.choice(x.shape[0], size=k, replace=False))].copy()
+    )
+    assigner = BalancedAssigner(x, k, top_k=top_k, tol=tol)
+    inertia: list[float] = []
+    eps_used: list[float] = []
+    for t in range(niter):
+        assignment, costs, eps = assigner.step(centroids)
+        inertia.append(float(costs.mean(dtype=np.float64)))
+        eps_used.append(eps)
+        centroids = update_centroids(x, assignment, k)
+        if on_iteration is not None:
+            on_iteration(t + 1)
+    assignment, costs, eps = assigner.step(centroids, final=True)
+    eps_used.append(eps)
+    inertia.append(float(costs.mean(dtype=np.float64)))
+    prices = assigner.prices
+    sizes = np.bincount(assignment.reshape(-1), minlength=k)
+    result = BalancedKMeans(centroids=centroids, assignment=assignment, prices=prices, sizes=sizes)
+    stats = {
+        "rows": int(x.shape[0]),
+        "dims": int(x.shape[1]),
+        "k": k,
+        "top_k": top_k,
+        "iterations": niter,
+        "inertia": inertia,
+        "size_min": int(sizes.min()),
+        "size_max": int(sizes.max()),
+        "tol": tol,
+        "eps_relative": [e / (assigner.scale or 1.0) for e in eps_used],
+        "phases": assigner.totals["phases"],
+        "bids_per_slot_per_phase": assigner.totals["bids"] / (x.shape[0] * top_k * assigner.totals["phases"]),
+        "gpu": assigner.distances.gpu,
+        "seconds": time.perf_counter() - started,
+        "distance_seconds": assigner.totals["distance_seconds"],
+        "auction_seconds": assigner.totals["auction_seconds"],
+    }
+    return result, stats
