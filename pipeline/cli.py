@@ -106,6 +106,47 @@ def dump(
     _run_stages(["dump"], run=run, cfg=cfg, force=force)
 
 
+@app.command()
+def cluster(
+    run_dir: Annotated[str, typer.Argument(help="Run directory with a complete dump.")],
+    layers: Annotated[
+        str | None, typer.Option(help="Comma-separated layers to redo with --force, e.g. 0,2 or layer_003.")
+    ] = None,
+    latent_dim: Annotated[int | None, typer.Option(help="PCA components per layer.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Latent basis + exactly balanced k-means per MoE layer → RUN_DIR/prototypes."""
+    from pipeline.cluster import run_cluster
+
+    run = RunDir(run_dir)
+    cfg = resolve_config(run=run, config=config, sets=set_, flags={"cluster.latent_dim": latent_dim})
+    run.ensure()
+    run.write_config(to_yaml(cfg))
+    names = [name for name in layers.split(",") if name.strip()] if layers else None
+    manifest = run_cluster(cfg=cfg, run=run, force=force, layers=names)
+    if not manifest.skipped:
+        out.print(f"[green]✓[/] cluster finished in {manifest.seconds:.1f} s")
+    table = Table(title="prototypes per layer")
+    columns = ("layer", "rows", "latent", "variance kept", "slots min–max", "MSE", "matched share", "chance", "s")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for layer, row in manifest.stats["layers"].items():
+        table.add_row(
+            layer,
+            f"{row['rows']:,}",
+            str(row["latent_dim"]),
+            f"{row['variance_kept']:.1%}",
+            f"{row['size_min']:,}–{row['size_max']:,}",
+            f"{row['mse']:.4g}",
+            f"{row['matched_share']:.1%}",
+            f"{row['chance_share']:.1%}",
+            f"{row['seconds']:.1f}",
+        )
+    out.print(table)
+
+
 @app.command("run")
 def run_all(
     config: Annotated[Path, typer.Argument(help="YAML run config.")],

@@ -53,6 +53,18 @@ class DumpConfig(_Section):
     codec: Literal["none", "lz4", "zstd"] = "none"  # activations barely compress: none writes fastest
 
 
+class ClusterConfig(_Section):
+    """The cluster stage: a PCA latent basis and exactly balanced k-means per MoE layer → ``prototypes/``."""
+
+    latent_dim: int = Field(64, ge=1)  # PCA components kept (must be ≤ the hidden size)
+    sample_rows: int = Field(262_144, ge=2)  # rows clustered per layer, drawn as whole chunks; memory ∝ this
+    pca_rows: int = Field(65_536, ge=2)  # of those, rows the PCA covariance is accumulated over
+    block_rows: int = Field(16_384, ge=1)  # rows read and projected at a time
+    iterations: int = Field(25, ge=1)  # Lloyd iterations (plus one final exact assignment)
+    assign_k: int | None = Field(None, ge=1)  # clusters per token; null: the model's top-k (balanced slots)
+    tol: float = Field(1e-4, gt=0, lt=1)  # final assignment within this relative cost of the optimum
+
+
 class DemoConfig(_Section):
     """The built-in demo model: a small Qwen3-MoE trained on the demo corpus on a CPU."""
 
@@ -93,6 +105,7 @@ class RunConfig(_Section):
     model: ModelConfig = ModelConfig()
     corpus: CorpusConfig = CorpusConfig()
     dump: DumpConfig = DumpConfig()
+    cluster: ClusterConfig = ClusterConfig()
     demo: DemoConfig = DemoConfig()
 
     @model_validator(mode="after")
@@ -100,6 +113,10 @@ class RunConfig(_Section):
         if self.dump.batch_tokens < self.corpus.seq_len:
             raise ValueError(
                 f"dump.batch_tokens={self.dump.batch_tokens} should be ≥ corpus.seq_len={self.corpus.seq_len}"
+            )
+        if self.cluster.pca_rows > self.cluster.sample_rows:
+            raise ValueError(
+                f"cluster.pca_rows={self.cluster.pca_rows} should be ≤ cluster.sample_rows={self.cluster.sample_rows}"
             )
         return self
 

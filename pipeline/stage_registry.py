@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from pipeline.cluster import run_cluster
 from pipeline.dump import run_dump
 from storage.rundir import Manifest
 
@@ -11,4 +12,5 @@ StageFunction = Callable[..., Manifest]  # run_<stage>(*, cfg: RunConfig, run: R
 
 STAGE_FUNCTIONS: dict[str, StageFunction] = {
     "dump": run_dump,
+    "cluster": run_cluster,
 }

@@ -283,3 +283,8 @@ class StatesReader:
 
     def layer_module(self, layer: str) -> str:
         return str(self.group[layer].attrs["module"])
+
+    @property
+    def chunk_rows(self) -> int:
+        """Rows per chunk of the layer arrays (reads aligned to it touch no chunk twice)."""
+        return int(self.group[f"{self.layers[0]}/x"].chunks[0])
