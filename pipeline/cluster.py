@@ -80,12 +80,13 @@ def resolve_layers(reader: StatesReader, names: list[str] | None) -> list[str]:
     return resolved
 
 
-def check_cluster_inputs(cfg: RunConfig, reader: StatesReader) -> int:
-    """Every problem with the config against this store, before any work. Returns assign_k."""
+def check_cluster_inputs(cfg: RunConfig, reader: StatesReader) -> tuple[int, int]:
+    """Every problem with the config against this store, before any work. Returns (latent_dim, assign_k)."""
     experts, top_k = int(reader.attrs["num_experts"]), int(reader.attrs["top_k"])
     hidden = int(reader.attrs["hidden_size"])
     assign_k = cfg.cluster.assign_k or top_k
-    if cfg.cluster.latent_dim > hidden:
+    latent_dim = cfg.cluster.latent_dim or min(64, hidden)
+    if latent_dim > hidden:
         raise LprError(
             f"cluster.latent_dim={cfg.cluster.latent_dim} should be ≤ the hidden size {hidden}",
             f"set --set cluster.latent_dim={min(64, hidden)}",
@@ -99,21 +100,21 @@ def check_cluster_inputs(cfg: RunConfig, reader: StatesReader) -> int:
             f"the states store has {reader.num_rows} rows, fewer than the {experts} experts to cluster into",
             "dump more tokens (dump.max_tokens)",
         )
-    return assign_k
+    return latent_dim, assign_k
 
 
 def cluster_layer(*, cfg: RunConfig, run: RunDir, layer: str, fp: str) -> dict[str, Any]:
     """Cluster one layer into ``prototypes.partial/``; returns its metadata (also written as JSON)."""
     started = time.time()
     reader = StatesReader(run.url_of(run.output_path("dump")), run.storage_options)
-    assign_k = check_cluster_inputs(cfg, reader)
+    latent_dim, assign_k = check_cluster_inputs(cfg, reader)
     experts = int(reader.attrs["num_experts"])
     c = cfg.cluster
     layer_index = int(reader.group[layer].attrs["layer_index"])
     seed = cfg.seed + layer_index
     ranges = sample_ranges(reader.num_rows, reader.chunk_rows, c.sample_rows, seed)
     pca_blocks = (reader.read_x(layer, a, b) for a, b in _blocks(ranges, c.block_rows, c.pca_rows))
-    basis = fit_basis(pca_blocks, c.latent_dim)
+    basis = fit_basis(pca_blocks, latent_dim)
     z = np.concatenate([basis.project(reader.read_x(layer, a, b)) for a, b in _blocks(ranges, c.block_rows)])
     teacher = np.concatenate([reader.read("topk_idx", a, b, layer=layer) for a, b in ranges])
     with progress_bar(f"cluster {layer}", c.iterations) as bar:
@@ -137,7 +138,7 @@ def cluster_layer(*, cfg: RunConfig, run: RunDir, layer: str, fp: str) -> dict[s
         "fingerprint": fp,
         "num_experts": experts,
         "assign_k": assign_k,
-        "latent_dim": c.latent_dim,
+        "latent_dim": latent_dim,
         "rows": int(z.shape[0]),
         "pca_rows": min(c.pca_rows, int(z.shape[0])),
         "variance_kept": basis.variance_kept,

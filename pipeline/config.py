@@ -56,7 +56,7 @@ class DumpConfig(_Section):
 class ClusterConfig(_Section):
     """The cluster stage: a PCA latent basis and exactly balanced k-means per MoE layer → ``prototypes/``."""
 
-    latent_dim: int = Field(64, ge=1)  # PCA components kept (must be ≤ the hidden size)
+    latent_dim: int | None = Field(None, ge=1)  # PCA components kept (≤ the hidden size); null: min(64, hidden)
     sample_rows: int = Field(262_144, ge=2)  # rows clustered per layer, drawn as whole chunks; memory ∝ this
     pca_rows: int = Field(65_536, ge=2)  # of those, rows the PCA covariance is accumulated over
     block_rows: int = Field(16_384, ge=1)  # rows read and projected at a time

@@ -1,0 +1,167 @@
+"""Balanced k-means: exact sizes, optimal assignments (against exact solvers on tiny data), prices, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.optimize import linear_sum_assignment, linprog
+
+from pipeline.errors import LprError
+from pipeline.kmeans import balanced_assign, balanced_kmeans, update_centroids
+
+
+def _points(n: int, d: int, seed: int) -> np.ndarray:
+    """A skewed mixture: half the points crowd around one spot, so balance has a real price."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    x[: n // 2] = x[: n // 2] * 0.3 + 2.0
+    return x
+
+
+def _costs(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    return ((x[:, None, :].astype(np.float64) - c[None].astype(np.float64)) ** 2).sum(-1)
+
+
+def exact_top1_cost(cost: np.ndarray) -> float:
+    """Optimal balanced top-1 cost: Hungarian on clusters replicated ⌊N/k⌋ times, plus one extra
+    slot per cluster that k − r zero-cost dummies fill, so exactly r = N mod k clusters get ⌈N/k⌉."""
+    n, k = cost.shape
+    floor, r = divmod(n, k)
+    regular = np.repeat(np.arange(k), floor)
+    if r == 0:
+        rows, cols = linear_sum_assignment(cost[:, regular])
+        return float(cost[:, regular][rows, cols].sum())
+    big = 1e12
+    matrix = np.zeros((n + k - r, k * floor + k))
+    matrix[:n, : k * floor] = cost[:, regular]
+    matrix[:n, k * floor :] = cost
+    matrix[n:, : k * floor] = big
+    rows, cols = linear_sum_assignment(matrix)
+    return float(matrix[rows, cols][rows < n].sum())
+
+
+def exact_topk_cost(cost: np.ndarray, kp: int) -> float:
+    """Optimal balanced top-k cost by linear programming (the constraint matrix is totally unimodular)."""
+    n, k = cost.shape
+    floor, r = divmod(n * kp, k)
+    a_rows = np.zeros((n, n * k))
+    for i in range(n):
+        a_rows[i, i * k : (i + 1) * k] = 1
+    a_cols = np.zeros((k, n * k))
+    for j in range(k):
+        a_cols[j, j::k] = 1
+    upper = floor + (1 if r else 0)
+    result = linprog(
+        cost.reshape(-1),
+        A_ub=np.vstack([a_cols, -a_cols]),
+        b_ub=np.concatenate([np.full(k, upper), np.full(k, -floor)]),
+        A_eq=a_rows,
+        b_eq=np.full(n, kp),
+        bounds=(0, 1),
+        method="highs",
+    )
+    assert result.status == 0
+    return float(result.fun)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_top1_assignment_is_optimal(seed):
+    rng = np.random.default_rng(seed)
+    n, k = int(rng.integers(30, 90)), int(rng.integers(2, 9))
+    x = _points(n, 3, seed)
+    centroids = x[rng.choice(n, k, replace=False)]
+    held, costs, prices = balanced_assign(x, centroids, tol=1e-6)
+    sizes = np.bincount(held[:, 0], minlength=k)
+    assert sizes.max() - sizes.min() <= 1 and sizes.sum() == n
+    optimum = exact_top1_cost(_costs(x, centroids))
+    assert costs.sum() <= optimum * (1 + 1e-5) + 1e-4
+    assert costs.sum() >= optimum * (1 - 1e-5) - 1e-4  # nothing cheaper than the optimum: costs are real
+
+
+@pytest.mark.parametrize(("seed", "kp"), [(0, 2), (1, 2), (2, 3), (3, 2), (4, 3)])
+def test_topk_assignment_is_optimal(seed, kp):
+    rng = np.random.default_rng(seed)
+    n, k = int(rng.integers(20, 45)), int(rng.integers(kp + 2, 8))
+    x = _points(n, 3, seed)
+    centroids = x[rng.choice(n, k, replace=False)]
+    held, costs, _ = balanced_assign(x, centroids, top_k=kp, tol=1e-6)
+    assert all(len(set(row)) == kp for row in held.tolist())  # distinct clusters per point
+    slots = np.bincount(held.reshape(-1), minlength=k)
+    assert slots.max() - slots.min() <= 1 and slots.sum() == n * kp
+    optimum = exact_topk_cost(_costs(x, centroids), kp)
+    assert abs(costs.sum() - optimum) <= 1e-5 * optimum + 1e-4
+
+
+@pytest.mark.parametrize(("n", "k", "kp"), [(1000, 7, 1), (1001, 16, 2), (997, 10, 3), (64, 64 // 2, 1)])
+def test_prices_reproduce_the_assignment(n, k, kp):
+    """argmin-top-k of cost + price gives every point its assigned clusters, up to ε."""
+    x = _points(n, 5, 7)
+    centroids = x[np.random.default_rng(0).choice(n, k, replace=False)]
+    held, costs, prices = balanced_assign(x, centroids, top_k=kp, tol=1e-5)
+    reduced = _costs(x, centroids) + prices[None, :]
+    kth_best = np.sort(reduced, axis=1)[:, kp - 1]
+    eps = 1e-5 * np.sort(_costs(x, centroids), axis=1)[:, :kp].mean()
+    assigned = np.take_along_axis(reduced, held, axis=1)
+    assert (assigned <= kth_best[:, None] + 2 * eps + 1e-3 * eps + 1e-6).all()
+    slots = np.bincount(held.reshape(-1), minlength=k)
+    assert slots.max() - slots.min() <= 1
+
+
+def test_kmeans_exact_balance_and_determinism():
+    x = _points(3000, 8, 3)
+    a, stats = balanced_kmeans(x, 12, top_k=2, niter=6, seed=5)
+    b, _ = balanced_kmeans(x, 12, top_k=2, niter=6, seed=5)
+    np.testing.assert_array_equal(a.assignment, b.assignment)
+    np.testing.assert_array_equal(a.centroids, b.centroids)
+    assert stats["size_max"] - stats["size_min"] <= 1
+    assert a.sizes.sum() == 3000 * 2
+    assert len(stats["inertia"]) == 7
+
+
+def test_mse_matches_balanced_lloyd_with_exact_assignments():
+    """Same initial centroids: every step exact (Hungarian) vs ours → final MSE within 1 %."""
+    rng = np.random.default_rng(11)
+    x = _points(120, 4, 11)
+    k = 6
+    init = x[rng.choice(120, k, replace=False)].copy()
+    ours, stats = balanced_kmeans(x, k, niter=8, init=init)
+
+    centroids = init.astype(np.float32)
+    floor = 120 // k
+    for _ in range(8):
+        cost = _costs(x, centroids)
+        rows, cols = linear_sum_assignment(cost[:, np.repeat(np.arange(k), floor)])
+        assignment = np.empty((120, 1), np.int64)
+        assignment[rows, 0] = np.repeat(np.arange(k), floor)[cols]
+        centroids = update_centroids(x, assignment, k)
+    cost = _costs(x, centroids)
+    reference = exact_top1_cost(cost) / 120
+    assert stats["inertia"][-1] <= reference * 1.01
+
+
+def test_update_centroids_is_the_mean():
+    x = np.arange(12, dtype=np.float32).reshape(6, 2)
+    assignment = np.array([[0, 1], [0, 1], [1, 2], [2, 0], [1, 2], [2, 0]])
+    got = update_centroids(x, assignment, 3)
+    for j in range(3):
+        np.testing.assert_allclose(got[j], x[(assignment == j).any(1)].mean(0), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("x", "k", "top_k", "message"),
+    [
+        (np.zeros((5, 3), np.float32), 8, 1, r"n_rows=5 should be ≥ k=8"),
+        (np.zeros((50, 3), np.float32), 4, 4, r"top_k=4 should be ≥ 1 and < k=4"),
+        (np.zeros((50,), np.float32), 4, 1, r"2-D"),
+        (
+            np.array([[0.0, np.nan]] + [[1.0, 2.0]] * 20, np.float32),
+            4,
+            1,
+            r"1 rows contain NaN or Inf \(first: row 0\)",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_error(x, k, top_k, message):
+    with pytest.raises(LprError, match=message) as err:
+        balanced_kmeans(x, k, top_k=top_k, niter=1)
+    assert "\n" not in str(err.value)
