@@ -62,13 +62,17 @@ def test_prototypes_for_every_layer_exactly_balanced(tmp_path, dumped):
     assert again.skipped
 
 
+def _meta(run: RunDir, layer: str) -> dict:
+    return json.loads(run.read_text(f"{run.output_path('cluster')}/{layer}.json"))
+
+
 def test_force_layers_redoes_only_those(tmp_path, dumped):
     run = _copy(tmp_path, dumped)
     cfg = _config(dumped[1])
     run_cluster(cfg=cfg, run=run)
-    before = {p: json.loads(open(f"{run.output_path('cluster')}/{p}.json").read()) for p in ("layer_000", "layer_001")}
+    before = {p: _meta(run, p) for p in ("layer_000", "layer_001")}
     run_cluster(cfg=cfg, run=run, force=True, layers=["1"])
-    after = {p: json.loads(open(f"{run.output_path('cluster')}/{p}.json").read()) for p in ("layer_000", "layer_001")}
+    after = {p: _meta(run, p) for p in ("layer_000", "layer_001")}
     assert after["layer_000"]["seconds"] == before["layer_000"]["seconds"]  # reused, not recomputed
     assert after["layer_001"]["kmeans"]["seconds"] != before["layer_001"]["kmeans"]["seconds"]
     assert run.is_complete("cluster")

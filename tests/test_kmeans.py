@@ -70,7 +70,7 @@ def test_top1_assignment_is_optimal(seed):
     n, k = int(rng.integers(30, 90)), int(rng.integers(2, 9))
     x = _points(n, 3, seed)
     centroids = x[rng.choice(n, k, replace=False)]
-    held, costs, prices = balanced_assign(x, centroids, tol=1e-6)
+    held, costs, _prices = balanced_assign(x, centroids, tol=1e-6)
     sizes = np.bincount(held[:, 0], minlength=k)
     assert sizes.max() - sizes.min() <= 1 and sizes.sum() == n
     optimum = exact_top1_cost(_costs(x, centroids))
@@ -124,7 +124,7 @@ def test_mse_matches_balanced_lloyd_with_exact_assignments():
     x = _points(120, 4, 11)
     k = 6
     init = x[rng.choice(120, k, replace=False)].copy()
-    ours, stats = balanced_kmeans(x, k, niter=8, init=init)
+    _ours, stats = balanced_kmeans(x, k, niter=8, init=init)
 
     centroids = init.astype(np.float32)
     floor = 120 // k
