@@ -97,7 +97,7 @@ def test_prices_reproduce_the_assignment(n, k, kp):
     """argmin-top-k of cost + price gives every point its assigned clusters, up to ε."""
     x = _points(n, 5, 7)
     centroids = x[np.random.default_rng(0).choice(n, k, replace=False)]
-    held, costs, prices = balanced_assign(x, centroids, top_k=kp, tol=1e-5)
+    held, _, prices = balanced_assign(x, centroids, top_k=kp, tol=1e-5)
     reduced = _costs(x, centroids) + prices[None, :]
     kth_best = np.sort(reduced, axis=1)[:, kp - 1]
     eps = 1e-5 * np.sort(_costs(x, centroids), axis=1)[:, :kp].mean()
