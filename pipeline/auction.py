@@ -49,30 +49,34 @@ def _sift_down(price, owner, j, size):  # pragma: no cover - compiled
 
 
 @njit(cache=True)
-def _select(i, costs, held, kp, hp, ep, want, top_j, top_w):  # pragma: no cover - compiled
+def _select(i, costs, held, n_held, kp, price, want, top_j, top_w):  # pragma: no cover - compiled
     """The ``want`` best clusters not held by point i, by net value, sorted descending. Returns how many."""
     n = 0
+    floor = -_INF  # the worst value kept so far once the list is full
     for j in range(costs.shape[1]):
-        is_held = False
-        for h in range(kp):
-            if held[i, h] == j:
-                is_held = True
-        if is_held:
+        w = -costs[i, j] - price[j]
+        if n == want and w <= floor:
             continue
-        w = -costs[i, j] - min(hp[j, 0], ep[j])
+        if n_held[i] > 0:
+            is_held = False
+            for h in range(kp):
+                if held[i, h] == j:
+                    is_held = True
+            if is_held:
+                continue
         if n < want:
             pos = n
             n += 1
-        elif w > top_w[want - 1]:
-            pos = want - 1
         else:
-            continue
+            pos = want - 1
         while pos > 0 and top_w[pos - 1] < w:
             top_w[pos] = top_w[pos - 1]
             top_j[pos] = top_j[pos - 1]
             pos -= 1
         top_w[pos] = w
         top_j[pos] = j
+        if n == want:
+            floor = top_w[want - 1]
     return n
 
 
@@ -109,6 +113,9 @@ def _auction_phase(costs, kp, n_dummies, eps, hp, ho, ep, eo, held, n_held):  # 
     head, tail = 0, persons
     top_j = np.empty(kp + 1, np.int64)
     top_w = np.empty(kp + 1, np.float64)
+    price = np.empty(k)  # each cluster's price: its cheapest slot
+    for j in range(k):
+        price[j] = min(hp[j, 0], ep[j])
     bids = 0
     while head != tail:
         person = queue[head]
@@ -126,13 +133,14 @@ def _auction_phase(costs, kp, n_dummies, eps, hp, ho, ep, eo, held, n_held):  # 
             old = eo[j1]
             ep[j1] = ep[j1] + (w1 - w2 if w2 > -_INF else 0.0) + eps
             eo[j1] = person
+            price[j1] = min(hp[j1, 0], ep[j1])
             tail = _evict(old, j1, n, held, n_held, kp, queue, in_queue, tail, qsize)
             continue
         i = person
         want = kp - n_held[i]
         if want <= 0:
             continue
-        got = _select(i, costs, held, kp, hp, ep, want + 1, top_j, top_w)
+        got = _select(i, costs, held, n_held, kp, price, want + 1, top_j, top_w)
         w_next = top_w[want] if got > want else -_INF
         for s in range(min(want, got)):
             j = top_j[s]
@@ -146,6 +154,7 @@ def _auction_phase(costs, kp, n_dummies, eps, hp, ho, ep, eo, held, n_held):  # 
                 hp[j, 0] = hp[j, 0] + margin + eps
                 ho[j, 0] = i
                 _sift_down(hp, ho, j, cap)
+            price[j] = min(hp[j, 0], ep[j])
             for h in range(kp):
                 if held[i, h] < 0:
                     held[i, h] = j

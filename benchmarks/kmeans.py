@@ -1,0 +1,156 @@
+"""Balanced k-means against its anchors, on the same data in one run.
+
+Data: a skewed Gaussian mixture (Zipf component weights, per-component scales), N × d, k clusters.
+Compared, from the same initial centroids and with the same number of iterations:
+
+* plain ``faiss.Kmeans`` on the full data (``max_points_per_centroid`` raised: FAISS would otherwise
+  train on a 256·k subsample) — the speed anchor; unbalanced;
+* ``faiss.Kmeans`` then ``faiss.contrib.clustering.balanced_assignment_with_penalties`` — fast and
+  approximately balanced;
+* ``k-means-constrained`` (exact min-cost flow at every step: balanced Lloyd with exact
+  assignments), on a subsample of ``--kmc-rows`` rows because it is slow, against ours on the same rows;
+* ours, top-1 and top-2.
+
+Prints one line per method, then one JSON line of figures: time ratios, size spread (max/min
+cluster size), MSE relative to plain k-means. Usage: ``python benchmarks/kmeans.py [--rows 200000]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import faiss
+import numpy as np
+from faiss.contrib.clustering import balanced_assignment_with_penalties
+
+from pipeline.kmeans import balanced_kmeans
+
+
+def skewed_mixture(n: int, d: int, k: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, k + 1)
+    component = rng.choice(k, size=n, p=weights / weights.sum())
+    means = rng.normal(size=(k, d)).astype(np.float32) * 2
+    scales = rng.uniform(0.5, 2.0, size=k).astype(np.float32)
+    return (means[component] + rng.normal(size=(n, d)).astype(np.float32) * scales[component, None]).astype(np.float32)
+
+
+def mse(x: np.ndarray, centroids: np.ndarray, assignment: np.ndarray) -> float:
+    """Mean squared distance per slot. assignment: (N, kp)."""
+    total = 0.0
+    for hand in range(assignment.shape[1]):
+        total += float(((x - centroids[assignment[:, hand]]) ** 2).sum(dtype=np.float64))
+    return total / assignment.size
+
+
+def spread(assignment: np.ndarray, k: int) -> float:
+    sizes = np.bincount(assignment.reshape(-1), minlength=k)
+    return float(sizes.max() / max(sizes.min(), 1)) if sizes.min() > 0 else float("inf")
+
+
+def timed(fn):
+    started = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - started
+
+
+def plain_faiss(x: np.ndarray, init: np.ndarray, niter: int) -> tuple[np.ndarray, np.ndarray]:
+    km = faiss.Kmeans(x.shape[1], init.shape[0], niter=niter, seed=1, max_points_per_centroid=x.shape[0] + 1)
+    km.train(x, init_centroids=init)
+    _, assignment = km.index.search(x, 1)
+    return km.centroids, assignment
+
+
+def report(name: str, seconds: float, size_spread: float, error: float) -> None:
+    print(f"{name:<34} {seconds:8.2f} s   size spread {size_spread:8.3f}   MSE {error:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--dims", type=int, default=128)
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--kmc-rows", type=int, default=10_000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    x = skewed_mixture(args.rows, args.dims, args.k, args.seed)
+    rng = np.random.default_rng(args.seed + 1)
+    init = x[np.sort(rng.choice(len(x), args.k, replace=False))].copy()
+    _, compile_seconds = timed(lambda: balanced_kmeans(x[:500], 4, top_k=2, niter=1))  # numba JIT (cached on disk)
+    figures: dict[str, object] = {"rows": args.rows, "dims": args.dims, "k": args.k, "iterations": args.iterations}
+    figures["jit_warmup_seconds"] = round(compile_seconds, 3)
+
+    (c_plain, a_plain), t_plain = timed(lambda: plain_faiss(x, init, args.iterations))
+    mse_plain = mse(x, c_plain, a_plain)
+    report("faiss.Kmeans (full data)", t_plain, spread(a_plain, args.k), mse_plain)
+
+    a_pen, t_pen = timed(lambda: balanced_assignment_with_penalties(x, c_plain, alpha=0.1, maxk=args.k)[0][:, None])
+    t_pen += t_plain
+    mse_pen = mse(x, c_plain, a_pen)
+    report("faiss.Kmeans + penalties", t_pen, spread(a_pen, args.k), mse_pen)
+
+    (ours, stats), t_ours = timed(lambda: balanced_kmeans(x, args.k, niter=args.iterations, init=init))
+    mse_ours = mse(x, ours.centroids, ours.assignment)
+    report("ours, top-1", t_ours, spread(ours.assignment, args.k), mse_ours)
+
+    (ours2, _), t_ours2 = timed(lambda: balanced_kmeans(x, args.k, top_k=2, niter=args.iterations, init=init))
+    mse_ours2 = mse(x, ours2.centroids, ours2.assignment)
+    report("ours, top-2 (per slot)", t_ours2, spread(ours2.assignment, args.k), mse_ours2)
+
+    figures |= {
+        "faiss_seconds": round(t_plain, 3),
+        "ours_seconds": round(t_ours, 3),
+        "ours_top2_seconds": round(t_ours2, 3),
+        "time_ratio_vs_faiss": round(t_ours / t_plain, 2),
+        "time_ratio_top2_vs_faiss": round(t_ours2 / t_plain, 2),
+        "spread_faiss": round(spread(a_plain, args.k), 3),
+        "spread_penalties": round(spread(a_pen, args.k), 3),
+        "spread_ours": round(spread(ours.assignment, args.k), 6),
+        "slot_spread_ours_top2": round(spread(ours2.assignment, args.k), 6),
+        "size_diff_ours": int(stats["size_max"] - stats["size_min"]),
+        "mse_ratio_ours_vs_faiss": round(mse_ours / mse_plain, 4),
+        "mse_ratio_penalties_vs_faiss": round(mse_pen / mse_plain, 4),
+        "penalties_seconds": round(t_pen, 3),
+    }
+
+    try:
+        from k_means_constrained import KMeansConstrained
+    except ImportError:
+        print("k-means-constrained not installed (pip install -e '.[bench]'): skipped")
+    else:
+        sub = x[:: max(1, len(x) // args.kmc_rows)][: args.kmc_rows]
+        floor = len(sub) // args.k
+        kmc = KMeansConstrained(
+            n_clusters=args.k,
+            size_min=floor,
+            size_max=-(-len(sub) // args.k),
+            init=init,
+            n_init=1,
+            max_iter=args.iterations,
+            random_state=0,
+        )
+        _, t_kmc = timed(lambda: kmc.fit(sub))
+        mse_kmc = mse(sub, kmc.cluster_centers_.astype(np.float32), kmc.labels_[:, None])
+        (ours_sub, _), t_ours_sub = timed(lambda: balanced_kmeans(sub, args.k, niter=args.iterations, init=init))
+        mse_ours_sub = mse(sub, ours_sub.centroids, ours_sub.assignment)
+        _, t_plain_sub = timed(lambda: plain_faiss(sub, init, args.iterations))
+        print(
+            f"k-means-constrained ({len(sub):,} rows) {t_kmc:8.2f} s  spread {spread(kmc.labels_, args.k):8.2f}  "
+            f"MSE {mse_kmc:.3f}  | ours {t_ours_sub:.2f} s MSE {mse_ours_sub:.3f}  | faiss {t_plain_sub:.2f} s"
+        )
+        figures |= {
+            "kmc_rows": len(sub),
+            "kmc_seconds": round(t_kmc, 3),
+            "ours_on_kmc_rows_seconds": round(t_ours_sub, 3),
+            "faiss_on_kmc_rows_seconds": round(t_plain_sub, 3),
+            "speedup_vs_kmc": round(t_kmc / t_ours_sub, 1),
+            "mse_ratio_ours_vs_kmc": round(mse_ours_sub / mse_kmc, 5),
+        }
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
