@@ -17,6 +17,15 @@ from pipeline.errors import LprError
 class Family:
     model_type: str  # transformers' config.model_type
     weights: str  # weight convention of the original router (recorded in the states store)
+    experts_key: str = "num_experts"  # config attribute with the number of experts
+    renormalize: str | bool = "norm_topk_prob"  # config attribute, or always/never
+    weights_fp32: bool = False  # weights stay float32 instead of the logits' dtype
+
+    def num_experts(self, config: Any) -> int:
+        return int(getattr(config, self.experts_key))
+
+    def renormalizes(self, config: Any) -> bool:
+        return bool(getattr(config, self.renormalize, False)) if isinstance(self.renormalize, str) else self.renormalize
 
 
 FAMILIES: dict[str, Family] = {
@@ -24,7 +33,7 @@ FAMILIES: dict[str, Family] = {
     for f in (
         Family("qwen3_moe", "softmax → top-k → renormalise if norm_topk_prob"),
         Family("qwen2_moe", "softmax → top-k → renormalise if norm_topk_prob"),
-        Family("mixtral", "softmax (fp32) → top-k → renormalise"),
+        Family("mixtral", "softmax (fp32) → top-k → renormalise", "num_local_experts", True, True),
         Family("olmoe", "softmax → top-k → renormalise if norm_topk_prob"),
     )
 }

@@ -1,0 +1,79 @@
+"""The LPR router: it generalises the linear gate (identity configuration reproduces it), and a
+model with LPR routers in place runs unchanged, router-logit capture included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pipeline.models import find_routers
+from pipeline.replace import install_routers
+from pipeline.router import LatentPrototypeRouter, RouterSpec, identity_router, spec_for
+from tests.conftest import save_tiny_moe
+
+FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request, tmp_path_factory):
+    path = save_tiny_moe(tmp_path_factory.mktemp(request.param), request.param, seed=3)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return request.param, model
+
+
+def test_identity_router_reproduces_the_gate(family_model):
+    _, model = family_model
+    spec = spec_for(model.config, latent_dim=model.config.hidden_size, similarity="dot")
+    torch.manual_seed(0)
+    x = torch.randn(257, model.config.hidden_size)
+    for site in find_routers(model):
+        lpr = identity_router(site.module.weight, spec)
+        expected = site.module(x)
+        got = lpr(x)
+        torch.testing.assert_close(got[0], expected[0], rtol=0, atol=1e-6)
+        assert torch.equal(got[2], expected[2])  # the same experts, in the same order
+        torch.testing.assert_close(got[1], expected[1], rtol=0, atol=1e-6)
+        assert got[1].dtype == expected[1].dtype
+
+
+def test_model_with_identity_routers_is_unchanged(family_model):
+    family, model = family_model
+    spec = spec_for(model.config, latent_dim=model.config.hidden_size, similarity="dot")
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids, output_router_logits=True)
+    swapped = AutoModelForCausalLM.from_config(model.config).eval()
+    swapped.load_state_dict(model.state_dict())
+    routers = {site.name: identity_router(site.module.weight, spec) for site in find_routers(swapped)}
+    install_routers(swapped, routers)
+    assert all(isinstance(site.module, LatentPrototypeRouter) for site in find_routers(swapped))
+    with torch.no_grad():
+        got = swapped(ids, output_router_logits=True, labels=ids)
+    assert (got.logits - expected.logits).abs().max() <= 1e-5, family
+    assert len(got.router_logits) == len(expected.router_logits) > 0  # capture still sees the routers
+    assert torch.isfinite(got.loss)
+
+
+def test_bias_moves_the_choice_not_the_weights():
+    spec = RouterSpec(hidden_size=8, num_experts=4, top_k=2, latent_dim=3, renormalize=False)
+    router = LatentPrototypeRouter(spec).eval()
+    x = torch.randn(50, 8)
+    logits, _, indices = router(x)
+    router.bias[indices[0, 0]] = -10.0  # make the first token's favourite unattractive
+    _, weights, moved = router(x)
+    assert indices[0, 0] not in moved[0].tolist()
+    probs = torch.softmax(logits, dim=-1)
+    torch.testing.assert_close(weights, probs.gather(-1, moved))  # weights: unbiased probabilities
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "dot", "gaussian", "mahalanobis"])
+def test_every_similarity_gives_valid_routing(similarity):
+    spec = RouterSpec(hidden_size=16, num_experts=6, top_k=2, latent_dim=4, similarity=similarity)
+    router = LatentPrototypeRouter(spec)
+    logits, weights, indices = router(torch.randn(3, 5, 16))
+    assert logits.shape == (15, 6) and weights.shape == indices.shape == (15, 2)
+    assert int(indices.min()) >= 0 and int(indices.max()) < 6
+    torch.testing.assert_close(weights.sum(-1), torch.ones(15))
+    logits.sum().backward()  # differentiable end to end
+    assert router.encoder.weight.grad is not None
