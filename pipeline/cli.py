@@ -147,6 +147,32 @@ def cluster(
     out.print(table)
 
 
+@app.command()
+def export(
+    run_dir: Annotated[str, typer.Argument(help="Run directory.")],
+    out_dir: Annotated[str | None, typer.Option("--out", help="Output directory (default: RUN_DIR/lpr_init).")] = None,
+    init_only: Annotated[
+        bool, typer.Option("--init-only", help="Export LPR-init routers (clusters + calibration, no distillation).")
+    ] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Write router weights + config + card that `load_lpr_model` puts into the model."""
+    from pipeline.export import run_export_init
+
+    run = RunDir(run_dir)
+    cfg = resolve_config(run=run, config=config, sets=set_)
+    if not init_only:
+        raise LprError(
+            "distilled routers cannot be exported yet: the distill stage is not part of this version",
+            "pass --init-only to export the routers initialised from the clusters",
+        )
+    if not run.is_local:
+        raise LprError("export writes to a local directory", "pass --out with a local path")
+    path = run_export_init(cfg=cfg, run=run, out=out_dir or run.path("lpr_init"))
+    out.print(f"load with: from pipeline import load_lpr_model; load_lpr_model(MODEL, '{path}')", highlight=False)
+
+
 @app.command("run")
 def run_all(
     config: Annotated[Path, typer.Argument(help="YAML run config.")],

@@ -65,6 +65,13 @@ class ClusterConfig(_Section):
     tol: float = Field(1e-4, gt=0, lt=1)  # final assignment within this relative cost of the optimum
 
 
+class RouterConfig(_Section):
+    """The Latent Prototype Router built from the prototypes (and later distilled)."""
+
+    similarity: Literal["cosine", "dot", "gaussian", "mahalanobis"] = "cosine"
+    calibration_rows: int = Field(65_536, ge=16)  # rows (whole chunks, many documents) for bias and temperature
+
+
 class DemoConfig(_Section):
     """The built-in demo model: a small Qwen3-MoE trained on the demo corpus on a CPU."""
 
@@ -106,6 +113,7 @@ class RunConfig(_Section):
     corpus: CorpusConfig = CorpusConfig()
     dump: DumpConfig = DumpConfig()
     cluster: ClusterConfig = ClusterConfig()
+    router: RouterConfig = RouterConfig()
     demo: DemoConfig = DemoConfig()
 
     @model_validator(mode="after")

@@ -1,0 +1,75 @@
+"""LPR-init: routers built from the cluster stage alone (no distillation), calibrated on stored rows.
+
+Encoder = the PCA basis (``z = components · (x − mean)``), prototype of expert e = the centroid of
+the cluster matched to e. Then, on calibration rows drawn as whole chunks from many documents:
+the temperature is set so that the router's mean top-1 weight equals the teacher's (the experts
+see weights on the scale they were trained with), and the per-expert bias is the negated price of
+an exactly balanced top-k assignment of the router's probabilities — every expert gets the same
+number of slots on the calibration rows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.auction import auction
+from pipeline.cluster import sample_ranges
+from pipeline.router import LatentPrototypeRouter, RouterSpec
+from storage.states import StatesReader
+
+
+def router_from_prototypes(tensors: dict[str, np.ndarray], spec: RouterSpec) -> LatentPrototypeRouter:
+    """tensors: one layer of ``prototypes/`` (mean (H,), components (d, H), centroids (E, d), ...)."""
+    router = LatentPrototypeRouter(spec)
+    components = torch.from_numpy(tensors["components"]).float()
+    mean = torch.from_numpy(tensors["mean"]).float()
+    with torch.no_grad():
+        router.encoder.weight.copy_(components)
+        router.encoder.bias.copy_(-(components @ mean))
+        router.prototypes.copy_(torch.from_numpy(tensors["centroids"][tensors["cluster_of_expert"]]).float())
+    return router
+
+
+def calibration_rows(reader: StatesReader, layer: str, rows: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Router inputs (n, H) float32 and the teacher's top-k weights (n, k) of whole chunks drawn at random."""
+    ranges = sample_ranges(reader.num_rows, reader.chunk_rows, rows, seed)
+    x = torch.cat([reader.read_x(layer, a, b).float() for a, b in ranges])
+    teacher_w = np.concatenate([reader.read("topk_w", a, b, layer=layer) for a, b in ranges])
+    return x, teacher_w
+
+
+def calibrate_temperature(router: LatentPrototypeRouter, x: torch.Tensor, teacher_top1: float) -> float:
+    """Bisection on log-temperature so that the mean top-1 routing weight matches the teacher's."""
+    if router.spec.similarity in ("dot", "mahalanobis"):
+        return float("nan")  # no temperature in these similarities
+    low, high = math.log(1e-3), math.log(1e4)
+    with torch.no_grad():
+        for _ in range(40):
+            middle = (low + high) / 2
+            router.log_temperature.fill_(middle)
+            weights, _ = router.route(router.scores(x))
+            if float(weights[:, 0].mean()) < teacher_top1:
+                low = middle
+            else:
+                high = middle
+    return math.exp(router.log_temperature.item())
+
+
+def calibrate_bias(router: LatentPrototypeRouter, x: torch.Tensor) -> dict[str, Any]:
+    """Set the choice bias so that the top-k slots of x are exactly balanced; returns counts."""
+    with torch.no_grad():
+        router.bias.zero_()
+        probs = torch.softmax(router.scores(x).float(), dim=-1).numpy()
+    k = router.spec.top_k
+    scale = float(np.abs(probs).mean()) or 1.0
+    schedule = [scale * 0.1 / 5**t for t in range(6)] + [scale * 1e-6]
+    _, prices, _ = auction(-probs.astype(np.float32), kp=k, prices=np.zeros(probs.shape[1]), eps_schedule=schedule)
+    with torch.no_grad():
+        router.bias.copy_(torch.from_numpy(-(prices - prices.mean())).float())
+        _, indices = router.route(router.scores(x))
+    slots = np.bincount(indices.numpy().reshape(-1), minlength=probs.shape[1])
+    return {"calibration_rows": int(x.shape[0]), "slots_min": int(slots.min()), "slots_max": int(slots.max())}
