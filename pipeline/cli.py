@@ -148,9 +148,26 @@ def cluster(
 
 
 @app.command()
+def distill(
+    run_dir: Annotated[str, typer.Argument(help="Run directory with complete prototypes.")],
+    balance: Annotated[float | None, typer.Option(help="0: imitate the teacher … 1: its balanced projection.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimiser steps per layer.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Gate-level distillation of one LPR router per MoE layer → RUN_DIR/routers."""
+    run = RunDir(run_dir)
+    cfg = resolve_config(run=run, config=config, sets=set_, flags={"distill.balance": balance, "distill.steps": steps})
+    _run_stages(["distill"], run=run, cfg=cfg, force=force)
+
+
+@app.command()
 def export(
     run_dir: Annotated[str, typer.Argument(help="Run directory.")],
-    out_dir: Annotated[str | None, typer.Option("--out", help="Output directory (default: RUN_DIR/lpr_init).")] = None,
+    out_dir: Annotated[
+        str | None, typer.Option("--out", help="Output directory (default: RUN_DIR/lpr, or RUN_DIR/lpr_init).")
+    ] = None,
     init_only: Annotated[
         bool, typer.Option("--init-only", help="Export LPR-init routers (clusters + calibration, no distillation).")
     ] = False,
@@ -158,18 +175,16 @@ def export(
     set_: SetOpt = None,
 ) -> None:
     """Write router weights + config + card that `load_lpr_model` puts into the model."""
-    from pipeline.export import run_export_init
+    from pipeline.export import run_export, run_export_init
 
     run = RunDir(run_dir)
     cfg = resolve_config(run=run, config=config, sets=set_)
-    if not init_only:
-        raise LprError(
-            "distilled routers cannot be exported yet: the distill stage is not part of this version",
-            "pass --init-only to export the routers initialised from the clusters",
-        )
-    if not run.is_local:
+    if out_dir is None and not run.is_local:
         raise LprError("export writes to a local directory", "pass --out with a local path")
-    path = run_export_init(cfg=cfg, run=run, out=out_dir or run.path("lpr_init"))
+    if init_only:
+        path = run_export_init(cfg=cfg, run=run, out=out_dir or run.path("lpr_init"))
+    else:
+        path = run_export(cfg=cfg, run=run, out=out_dir or run.path("lpr"))
     out.print(f"load with: from pipeline import load_lpr_model; load_lpr_model(MODEL, '{path}')", highlight=False)
 
 

@@ -72,6 +72,22 @@ class RouterConfig(_Section):
     calibration_rows: int = Field(65_536, ge=16)  # rows (whole chunks, many documents) for bias and temperature
 
 
+class DistillConfig(_Section):
+    """Gate-level distillation of each layer's LPR router on the stored states."""
+
+    balance: float = Field(0.5, ge=0, le=1)  # 0: imitate the teacher; 1: imitate its balanced projection
+    steps: int = Field(600, ge=1)
+    batch_rows: int = Field(4096, ge=16)
+    buffer_rows: int = Field(65_536, ge=16)  # rows read and shuffled together (memory ∝ this)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    sinkhorn_iterations: int = Field(30, ge=1)
+    diversity: float = Field(0.0, ge=0)  # weight of the prototype-orthogonality term; 0 turns it off
+    heldout_share: float = Field(0.05, gt=0, lt=1)  # chunks kept out of training for early stopping
+    val_rows: int = Field(16_384, ge=16)
+    eval_every: int = Field(50, ge=1)
+
+
 class DemoConfig(_Section):
     """The built-in demo model: a small Qwen3-MoE trained on the demo corpus on a CPU."""
 
@@ -114,6 +130,7 @@ class RunConfig(_Section):
     dump: DumpConfig = DumpConfig()
     cluster: ClusterConfig = ClusterConfig()
     router: RouterConfig = RouterConfig()
+    distill: DistillConfig = DistillConfig()
     demo: DemoConfig = DemoConfig()
 
     @model_validator(mode="after")

@@ -18,6 +18,7 @@ from pipeline.replace import install_routers
 from pipeline.router import LatentPrototypeRouter, RouterSpec, spec_for
 from storage.prototypes import read_layer
 from storage.routers import read_routers, write_routers
+from storage.routers_store import read_layer_router
 from storage.rundir import RunDir
 from storage.states import StatesReader
 
@@ -142,6 +143,32 @@ def load_lpr_model(model_or_path: nn.Module | str | Path, routers_dir: str | Pat
     install_routers(model, routers)
     info(f"loaded {len(routers)} LPR routers ({config['kind']}) into {type(model).__name__}")
     return model
+
+
+def distilled_routers(run: RunDir) -> tuple[dict[str, LatentPrototypeRouter], dict[str, Any]]:
+    """The distill stage's routers keyed by router module name, and their held-out figures."""
+    if not run.is_complete("distill"):
+        raise LprError(
+            f"no distilled routers in {run.url}",
+            "run `lpr-distill distill RUN_DIR` first, or pass --init-only for routers from the clusters",
+        )
+    directory = run.output_path("distill")
+    routers, metrics = {}, {}
+    for layer in run.read_manifest("distill").outputs["layers"]:
+        state, meta = read_layer_router(run, directory, layer)
+        router = LatentPrototypeRouter(RouterSpec(**meta["spec"]))
+        router.load_state_dict(state, strict=True)
+        routers[meta["module"]] = router.eval()
+        metrics[layer] = meta["summary"]
+    return routers, metrics
+
+
+def run_export(*, cfg: RunConfig, run: RunDir, out: str | Path) -> Path:
+    """Export the distilled routers to ``out``."""
+    routers, metrics = distilled_routers(run)
+    path = export_routers(routers, out, cfg=cfg, kind="lpr", metrics=metrics)
+    info(f"[bold]export[/]: {len(routers)} distilled LPR routers → {path}")
+    return path
 
 
 def run_export_init(*, cfg: RunConfig, run: RunDir, out: str | Path) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pipeline.cluster import run_cluster
+from pipeline.distill import run_distill
 from pipeline.dump import run_dump
 from storage.rundir import Manifest
 
@@ -13,4 +14,5 @@ StageFunction = Callable[..., Manifest]  # run_<stage>(*, cfg: RunConfig, run: R
 STAGE_FUNCTIONS: dict[str, StageFunction] = {
     "dump": run_dump,
     "cluster": run_cluster,
+    "distill": run_distill,
 }

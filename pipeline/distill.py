@@ -1,0 +1,215 @@
+"""Gate-level distillation: train each layer's LPR router on the stored states to imitate the teacher
+while spreading tokens evenly.
+
+Per layer, from the LPR-init router (PCA encoder, matched centroids, temperature matched to the
+teacher): mini-batches of rows drawn from a shuffled buffer of random chunks (memory bounded by
+the buffer, not the layer); target = (1 − balance) · teacher distribution + balance · the teacher
+distribution projected onto the balanced set (Sinkhorn over the batch with uniform expert
+marginals — the closest balanced routing to the teacher); loss = cross-entropy of the router's
+distribution against that target, plus an optional prototype-diversity term. AdamW with a cosine
+schedule; the best step on held-out chunks (never trained on) is kept. Finally the choice bias is
+calibrated on calibration rows so that top-k slot counts are equal.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import RunConfig
+from pipeline.errors import LprError
+from pipeline.init_routers import calibrate_bias, calibrate_temperature, calibration_rows, router_from_prototypes
+from pipeline.metrics import expert_load, gini
+from pipeline.models import load_config, resolve_model_path
+from pipeline.progress import info, progress_bar
+from pipeline.router import LatentPrototypeRouter, spec_for
+from pipeline.stages import build_manifest, previous_run
+from storage.prototypes import read_layer
+from storage.routers_store import read_layer_router, write_layer_router
+from storage.rundir import Manifest, RunDir, fingerprint
+from storage.states import StatesReader
+
+STAGE = "distill"
+
+
+def sinkhorn_balance(probs: torch.Tensor, iterations: int) -> torch.Tensor:
+    """probs (B, E), rows summing to 1 → the nearest (in KL) matrix with rows summing to 1 and every
+    column summing to B/E: the teacher's routing with every expert equally loaded."""
+    p = probs.clamp_min(1e-12)
+    column_target = p.shape[0] / p.shape[1]
+    for _ in range(iterations):
+        p = p * (column_target / p.sum(0, keepdim=True))
+        p = p / p.sum(1, keepdim=True)
+    return p
+
+
+def split_chunks(num_rows: int, chunk_rows: int, heldout_share: float, seed: int) -> tuple[list, list]:
+    """Chunk ranges for training and for held-out validation (whole chunks, so documents stay apart)."""
+    starts = list(range(0, num_rows, chunk_rows))
+    order = np.random.default_rng(seed).permutation(len(starts))
+    n_val = max(1, round(len(starts) * heldout_share)) if len(starts) > 1 else 0
+    val = sorted(starts[i] for i in order[:n_val])
+    train = sorted(starts[i] for i in order[n_val:])
+    as_ranges = lambda chosen: [(s, min(s + chunk_rows, num_rows)) for s in chosen]  # noqa: E731
+    return as_ranges(train), as_ranges(val)
+
+
+def shuffled_batches(
+    reader: StatesReader, layer: str, ranges: list[tuple[int, int]], *, batch_rows: int, buffer_rows: int, seed: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (x (B, H) float32, teacher logits (B, E) float32) batches, rows shuffled within a
+    buffer of ``buffer_rows`` rows read from randomly chosen chunks (so a batch mixes documents)."""
+    rng = np.random.default_rng(seed)
+    per_buffer = max(1, buffer_rows // max(1, ranges[0][1] - ranges[0][0]))
+    while True:
+        order = rng.permutation(len(ranges))
+        for first in range(0, len(order), per_buffer):
+            picked = sorted(ranges[i] for i in order[first : first + per_buffer])
+            x = torch.cat([reader.read_x(layer, a, b).float() for a, b in picked])
+            logits = torch.from_numpy(np.concatenate([reader.read("logits", a, b, layer=layer) for a, b in picked]))
+            shuffle = torch.from_numpy(rng.permutation(len(x)))
+            for start in range(0, max(1, len(x) - batch_rows + 1), batch_rows):
+                index = shuffle[start : start + batch_rows]
+                yield x[index], logits[index]
+
+
+def validation_loss(router: LatentPrototypeRouter, x: torch.Tensor, teacher: torch.Tensor, balance: float) -> dict:
+    with torch.no_grad():
+        target = teacher_target(teacher, balance)
+        log_student = F.log_softmax(router.scores(x).float(), dim=-1)
+        loss = float(-(target * log_student).sum(-1).mean())
+        _, indices = router.route(router.scores(x))
+        load = expert_load(indices.numpy(), router.num_experts)
+        teacher_top = teacher.topk(router.top_k, -1).indices
+        agreement = float((indices[:, :, None] == teacher_top[:, None, :]).any(-1).float().mean())
+    return {"loss": loss, "gini": gini(load), "topk_agreement": agreement}
+
+
+def teacher_target(teacher_logits: torch.Tensor, balance: float, iterations: int = 30) -> torch.Tensor:
+    probs = torch.softmax(teacher_logits, dim=-1)
+    if balance <= 0:
+        return probs
+    return (1 - balance) * probs + balance * sinkhorn_balance(probs, iterations)
+
+
+def diversity_penalty(prototypes: torch.Tensor) -> torch.Tensor:
+    """Mean squared off-diagonal cosine similarity of the prototypes (E, d): 0 when orthogonal."""
+    unit = F.normalize(prototypes, dim=-1)
+    gram = unit @ unit.T
+    off = gram - torch.diag(torch.diagonal(gram))
+    return off.square().sum() / max(1, prototypes.shape[0] * (prototypes.shape[0] - 1))
+
+
+def distill_layer(
+    router: LatentPrototypeRouter, batches: Iterator, val: tuple[torch.Tensor, torch.Tensor], cfg: RunConfig, label: str
+) -> dict[str, Any]:
+    """Train ``router`` in place; keep the parameters of the best held-out step. Returns stats."""
+    d = cfg.distill
+    torch.manual_seed(cfg.seed)
+    optimizer = torch.optim.AdamW(router.parameters(), lr=d.lr, weight_decay=d.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=d.lr, total_steps=d.steps, pct_start=0.05)
+    best = {"step": 0, **validation_loss(router, *val, d.balance)}
+    best_state = {k: v.clone() for k, v in router.state_dict().items()}
+    history = [best | {"step": 0}]
+    router.train()
+    with progress_bar(f"distill {label}", d.steps) as bar:
+        for step in range(1, d.steps + 1):
+            x, teacher = next(batches)
+            target = teacher_target(teacher, d.balance, d.sinkhorn_iterations)
+            log_student = F.log_softmax(router.scores(x).float(), dim=-1)
+            loss = -(target * log_student).sum(-1).mean()
+            if d.diversity > 0:
+                loss = loss + d.diversity * diversity_penalty(router.prototypes)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            if step % d.eval_every == 0 or step == d.steps:
+                current = validation_loss(router, *val, d.balance)
+                history.append(current | {"step": step})
+                if current["loss"] < best["loss"]:
+                    best = current | {"step": step}
+                    best_state = {k: v.clone() for k, v in router.state_dict().items()}
+                bar.advance(
+                    d.eval_every if step % d.eval_every == 0 else step % d.eval_every,
+                    note=f"val {current['loss']:.4f} gini {current['gini']:.3f}",
+                )
+    router.load_state_dict(best_state)
+    router.eval()
+    return {"best": best, "history": history}
+
+
+def run_distill(*, cfg: RunConfig, run: RunDir, force: bool = False) -> Manifest:
+    """Write ``routers/``: one distilled, bias-calibrated LPR router per MoE layer."""
+    cluster = run.read_manifest("cluster")
+    if cluster is None or not run.is_complete("cluster"):
+        raise LprError(f"no complete prototypes in {run.url}", "run `lpr-distill cluster RUN_DIR` first")
+    started = time.time()
+    model_config = load_config(cfg.model, resolve_model_path(cfg))
+    config = {"seed": cfg.seed, **cfg.section("router", "distill")}
+    inputs = {"prototypes": cluster.fingerprint}
+    fp = fingerprint(config, inputs)
+    if (done := previous_run(run, STAGE, fp, force=force)) is not None:
+        return done.model_copy(update={"skipped": True})
+    reader = StatesReader(run.url_of(run.output_path("dump")), run.storage_options)
+    partial = run.partial_path(STAGE)
+    summary = {}
+    for layer in reader.layers:
+        existing = read_layer_router(run, partial, layer)
+        if existing is not None and existing[1].get("fingerprint") == fp:
+            summary[layer] = existing[1]["summary"]
+            info(f"[bold]distill[/] {layer}: reused (already done with this config)")
+            continue
+        summary[layer] = distill_one(cfg=cfg, run=run, reader=reader, layer=layer, fp=fp, model_config=model_config)
+    outputs = {"routers": "routers", "layers": list(summary), "bytes": run.size_bytes(partial)}
+    manifest = build_manifest(
+        stage=STAGE, config=config, inputs=inputs, outputs=outputs, stats={"layers": summary}, started=started
+    )
+    run.commit(STAGE, manifest)
+    return manifest
+
+
+def distill_one(*, cfg: RunConfig, run: RunDir, reader: StatesReader, layer: str, fp: str, model_config: Any) -> dict:
+    """One layer: LPR-init, distillation, bias calibration; written into ``routers.partial/``."""
+    started = time.time()
+    tensors, meta = read_layer(run, run.output_path("cluster"), layer)
+    spec = spec_for(model_config, latent_dim=int(meta["latent_dim"]), similarity=cfg.router.similarity)
+    router = router_from_prototypes(tensors, spec)
+    seed = cfg.seed + meta["layer_index"]
+    train, val_ranges = split_chunks(reader.num_rows, reader.chunk_rows, cfg.distill.heldout_share, seed)
+    val_x = torch.cat([reader.read_x(layer, a, b).float() for a, b in val_ranges])[: cfg.distill.val_rows]
+    val_t = torch.from_numpy(np.concatenate([reader.read("logits", a, b, layer=layer) for a, b in val_ranges]))
+    val_t = val_t[: cfg.distill.val_rows]
+    calib_x, teacher_w = calibration_rows(reader, layer, cfg.router.calibration_rows, seed + 1000)
+    calibrate_temperature(router, calib_x, float(teacher_w[:, 0].mean()))
+    batches = shuffled_batches(
+        reader, layer, train, batch_rows=cfg.distill.batch_rows, buffer_rows=cfg.distill.buffer_rows, seed=seed
+    )
+    stats = distill_layer(router, batches, (val_x, val_t), cfg, layer)
+    calibration = calibrate_bias(router, calib_x)
+    after = validation_loss(router, val_x, val_t, cfg.distill.balance)
+    summary = {
+        "best_step": stats["best"]["step"],
+        "val_loss": round(after["loss"], 5),
+        "val_gini": round(after["gini"], 4),
+        "val_topk_agreement": round(after["topk_agreement"], 4),
+        "calibration_slots": [calibration["slots_min"], calibration["slots_max"]],
+        "seconds": round(time.time() - started, 2),
+    }
+    meta_out = {
+        "layer": layer,
+        "module": meta["module"],
+        "fingerprint": fp,
+        "spec": spec.to_dict(),
+        "summary": summary,
+        "history": stats["history"],
+    }
+    write_layer_router(run, run.partial_path(STAGE), layer, router.state_dict(), meta_out)
+    gini_text, agreement = f"{summary['val_gini']:.3f}", f"{summary['val_topk_agreement']:.1%}"
+    info(f"[bold]distill[/] {layer}: held-out gini {gini_text}, teacher top-k agreement {agreement}")
+    return summary
