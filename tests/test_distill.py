@@ -1,0 +1,83 @@
+"""Gate-level distillation on a tiny real run, and the Sinkhorn projection it imitates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline import load_lpr_model
+from pipeline.cluster import run_cluster
+from pipeline.config import build_config, to_yaml
+from pipeline.distill import run_distill, sinkhorn_balance, split_chunks, teacher_target
+from pipeline.dump import run_dump
+from pipeline.errors import LprError
+from pipeline.export import run_export
+from pipeline.models import find_routers
+from storage.routers_store import read_layer_router
+from storage.rundir import RunDir
+from tests.conftest import tiny_run_config
+
+
+def test_sinkhorn_gives_uniform_columns_and_stays_close():
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(400, 8) * 2 + torch.linspace(0, 3, 8), dim=-1)
+    balanced = sinkhorn_balance(probs, 200)
+    torch.testing.assert_close(balanced.sum(1), torch.ones(400))
+    torch.testing.assert_close(balanced.sum(0), torch.full((8,), 50.0), rtol=1e-3, atol=1e-3)
+    assert probs.sum(0).std() > 10 * balanced.sum(0).std()
+    assert (balanced.argmax(1) == probs.argmax(1)).float().mean() > 0.4  # a projection, not noise
+    torch.testing.assert_close(teacher_target(torch.log(probs), 0.0), probs)
+
+
+def test_split_chunks_keeps_validation_apart():
+    train, val = split_chunks(10_000, 256, 0.1, seed=0)
+    assert len(val) == 4 and not set(train) & set(val)
+    assert sum(b - a for a, b in train + val) == 10_000
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory, tiny_model, tiny_corpus):
+    path = tmp_path_factory.mktemp("distill") / "run"
+    data = tiny_run_config(tiny_model, tiny_corpus) | {
+        "cluster": {"latent_dim": 8, "iterations": 5},
+        "router": {"calibration_rows": 512},
+        "distill": {"steps": 60, "batch_rows": 128, "buffer_rows": 1024, "eval_every": 20, "val_rows": 512},
+    }
+    cfg = build_config(data)
+    run = RunDir(str(path))
+    run.ensure()
+    run.write_config(to_yaml(cfg))
+    run_dump(cfg=cfg, run=run)
+    run_cluster(cfg=cfg, run=run)
+    return cfg, run, run_distill(cfg=cfg, run=run)
+
+
+def test_distill_improves_on_the_init_and_balances_calibration(distilled):
+    cfg, run, manifest = distilled
+    assert run.is_complete("distill")
+    for layer, stats in manifest.stats["layers"].items():
+        low, high = stats["calibration_slots"]
+        assert high - low <= 2, layer
+        assert 0 <= stats["val_topk_agreement"] <= 1
+        _, meta = read_layer_router(run, run.output_path("distill"), layer)
+        losses = [point["loss"] for point in meta["history"]]
+        assert min(losses) < losses[0]  # training lowers the held-out loss below the LPR-init's
+        assert meta["summary"]["best_step"] == meta["history"][losses.index(min(losses))]["step"]
+    again = run_distill(cfg=cfg, run=run)
+    assert again.skipped
+
+
+def test_distilled_routers_export_and_load(distilled, tmp_path, tiny_model):
+    cfg, run, _ = distilled
+    out = run_export(cfg=cfg, run=run, out=tmp_path / "lpr")
+    model = load_lpr_model(str(tiny_model), out)
+    assert len(find_routers(model)) == 2
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids, labels=ids).loss)
+
+
+def test_distill_needs_prototypes(tmp_path, tiny_model, tiny_corpus):
+    cfg = build_config(tiny_run_config(tiny_model, tiny_corpus))
+    with pytest.raises(LprError, match="no complete prototypes"):
+        run_distill(cfg=cfg, run=RunDir(str(tmp_path / "empty")))
