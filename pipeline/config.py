@@ -69,7 +69,8 @@ class RouterConfig(_Section):
     """The Latent Prototype Router built from the prototypes (and later distilled)."""
 
     similarity: Literal["cosine", "dot", "gaussian", "mahalanobis"] = "cosine"
-    calibration_rows: int = Field(65_536, ge=16)  # rows (whole chunks, many documents) for bias and temperature
+    calibration_rows: int = Field(262_144, ge=16)  # rows (whole chunks, many documents) for bias and temperature;
+    # more rows → more documents → a bias that holds better on unseen text (memory ∝ rows × (latent + experts))
 
 
 class DistillConfig(_Section):

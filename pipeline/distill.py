@@ -21,9 +21,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.cluster import sample_ranges
 from pipeline.config import RunConfig
 from pipeline.errors import LprError
-from pipeline.init_routers import calibrate_bias, calibrate_temperature, calibration_rows, router_from_prototypes
+from pipeline.init_routers import (
+    calibrate_bias,
+    calibrate_temperature,
+    encode_rows,
+    router_from_prototypes,
+    teacher_top1,
+)
 from pipeline.metrics import expert_load, gini
 from pipeline.models import load_config, resolve_model_path
 from pipeline.progress import info, progress_bar
@@ -189,20 +196,22 @@ def distill_one(*, cfg: RunConfig, run: RunDir, reader: StatesReader, layer: str
     val_x = torch.cat([reader.read_x(layer, a, b).float() for a, b in val_ranges])[: cfg.distill.val_rows]
     val_t = torch.from_numpy(np.concatenate([reader.read("logits", a, b, layer=layer) for a, b in val_ranges]))
     val_t = val_t[: cfg.distill.val_rows]
-    calib_x, teacher_w = calibration_rows(reader, layer, cfg.router.calibration_rows, seed + 1000)
-    calibrate_temperature(router, calib_x, float(teacher_w[:, 0].mean()))
+    calibration = sample_ranges(reader.num_rows, reader.chunk_rows, cfg.router.calibration_rows, seed + 1000)
+    calibrate_temperature(
+        router, encode_rows(router, reader, layer, calibration), teacher_top1(reader, layer, calibration)
+    )
     batches = shuffled_batches(
         reader, layer, train, batch_rows=cfg.distill.batch_rows, buffer_rows=cfg.distill.buffer_rows, seed=seed
     )
     stats = distill_layer(router, batches, (val_x, val_t), cfg, layer)
-    calibration = calibrate_bias(router, calib_x)
+    balance = calibrate_bias(router, encode_rows(router, reader, layer, calibration))
     after = validation_loss(router, val_x, val_t, cfg.distill.balance)
     summary = {
         "best_step": stats["best"]["step"],
         "val_loss": round(after["loss"], 5),
         "val_gini": round(after["gini"], 4),
         "val_topk_agreement": round(after["topk_agreement"], 4),
-        "calibration_slots": [calibration["slots_min"], calibration["slots_max"]],
+        "calibration_slots": [balance["slots_min"], balance["slots_max"]],
         "seconds": round(time.time() - started, 2),
     }
     meta_out = {

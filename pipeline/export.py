@@ -9,9 +9,16 @@ from typing import Any
 from torch import nn
 
 from pipeline import __version__
+from pipeline.cluster import sample_ranges
 from pipeline.config import RunConfig
 from pipeline.errors import LprError
-from pipeline.init_routers import calibrate_bias, calibrate_temperature, calibration_rows, router_from_prototypes
+from pipeline.init_routers import (
+    calibrate_bias,
+    calibrate_temperature,
+    encode_rows,
+    router_from_prototypes,
+    teacher_top1,
+)
 from pipeline.models import find_routers, load_config, resolve_model_path
 from pipeline.progress import info
 from pipeline.replace import install_routers
@@ -55,9 +62,10 @@ def build_init_routers(cfg: RunConfig, run: RunDir) -> tuple[dict[str, LatentPro
             )
         router = router_from_prototypes(tensors, spec)
         seed = cfg.seed + 1000 + meta["layer_index"]  # other chunks than the clustering sample, where it can
-        x, teacher_w = calibration_rows(reader, layer, cfg.router.calibration_rows, seed)
-        temperature = calibrate_temperature(router, x, float(teacher_w[:, 0].mean()))
-        metrics[layer] = {"temperature": temperature, **calibrate_bias(router, x)}
+        ranges = sample_ranges(reader.num_rows, reader.chunk_rows, cfg.router.calibration_rows, seed)
+        z = encode_rows(router, reader, layer, ranges)
+        temperature = calibrate_temperature(router, z, teacher_top1(reader, layer, ranges))
+        metrics[layer] = {"temperature": temperature, **calibrate_bias(router, z)}
         routers[meta["module"]] = router
     return routers, metrics
 

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from pipeline.auction import auction
-from pipeline.cluster import sample_ranges
 from pipeline.router import LatentPrototypeRouter, RouterSpec
 from storage.states import StatesReader
 
@@ -34,42 +33,48 @@ def router_from_prototypes(tensors: dict[str, np.ndarray], spec: RouterSpec) -> 
     return router
 
 
-def calibration_rows(reader: StatesReader, layer: str, rows: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
-    """Router inputs (n, H) float32 and the teacher's top-k weights (n, k) of whole chunks drawn at random."""
-    ranges = sample_ranges(reader.num_rows, reader.chunk_rows, rows, seed)
-    x = torch.cat([reader.read_x(layer, a, b).float() for a, b in ranges])
-    teacher_w = np.concatenate([reader.read("topk_w", a, b, layer=layer) for a, b in ranges])
-    return x, teacher_w
+def teacher_top1(reader: StatesReader, layer: str, ranges: list[tuple[int, int]]) -> float:
+    total = sum(float(reader.read("topk_w", a, b, layer=layer)[:, 0].sum(dtype=np.float64)) for a, b in ranges)
+    return total / max(1, sum(b - a for a, b in ranges))
 
 
-def calibrate_temperature(router: LatentPrototypeRouter, x: torch.Tensor, teacher_top1: float) -> float:
+def encode_rows(
+    router: LatentPrototypeRouter, reader: StatesReader, layer: str, ranges: list[tuple[int, int]]
+) -> torch.Tensor:
+    """Latents (n, d) float32 of the rows in ``ranges``, read one chunk at a time (memory ∝ n·d, not n·H)."""
+    with torch.no_grad():
+        return torch.cat([router.encode(reader.read_x(layer, a, b).float())[0] for a, b in ranges])
+
+
+def calibrate_temperature(router: LatentPrototypeRouter, z: torch.Tensor, target_top1: float) -> float:
     """Bisection on log-temperature so that the mean top-1 routing weight matches the teacher's."""
     if router.spec.similarity in ("dot", "mahalanobis"):
         return float("nan")  # no temperature in these similarities
+    z = z[:: max(1, len(z) // 65_536)]
     low, high = math.log(1e-3), math.log(1e4)
     with torch.no_grad():
         for _ in range(40):
             middle = (low + high) / 2
             router.log_temperature.fill_(middle)
-            weights, _ = router.route(router.scores(x))
-            if float(weights[:, 0].mean()) < teacher_top1:
+            weights, _ = router.route(router.latent_scores(z))
+            if float(weights[:, 0].mean()) < target_top1:
                 low = middle
             else:
                 high = middle
     return math.exp(router.log_temperature.item())
 
 
-def calibrate_bias(router: LatentPrototypeRouter, x: torch.Tensor) -> dict[str, Any]:
-    """Set the choice bias so that the top-k slots of x are exactly balanced; returns counts."""
+def calibrate_bias(router: LatentPrototypeRouter, z: torch.Tensor) -> dict[str, Any]:
+    """Set the choice bias so that the top-k slots of the latents z (n, d) are balanced (up to near-ties)."""
     with torch.no_grad():
         router.bias.zero_()
-        probs = torch.softmax(router.scores(x).float(), dim=-1).numpy()
+        probs = torch.softmax(router.latent_scores(z).float(), dim=-1).numpy()
     k = router.spec.top_k
     scale = float(np.abs(probs).mean()) or 1.0
     schedule = [scale * 0.1 / 5**t for t in range(6)] + [scale * 1e-6]
-    _, prices, _ = auction(-probs.astype(np.float32), kp=k, prices=np.zeros(probs.shape[1]), eps_schedule=schedule)
+    _, prices, _ = auction(-probs, kp=k, prices=np.zeros(probs.shape[1]), eps_schedule=schedule)
     with torch.no_grad():
         router.bias.copy_(torch.from_numpy(-(prices - prices.mean())).float())
-        _, indices = router.route(router.scores(x))
+        _, indices = router.route(router.latent_scores(z))
     slots = np.bincount(indices.numpy().reshape(-1), minlength=probs.shape[1])
-    return {"calibration_rows": int(x.shape[0]), "slots_min": int(slots.min()), "slots_max": int(slots.max())}
+    return {"calibration_rows": int(z.shape[0]), "slots_min": int(slots.min()), "slots_max": int(slots.max())}

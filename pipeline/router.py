@@ -68,7 +68,10 @@ class LatentPrototypeRouter(nn.Module):
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Router logits (T, E) for router inputs (T, H), in the dtype of the parameters."""
-        z, _ = self.encode(x)
+        return self.latent_scores(self.encode(x)[0])
+
+    def latent_scores(self, z: torch.Tensor) -> torch.Tensor:
+        """Router logits (T, E) for latents (T, d)."""
         p = self.prototypes
         similarity = self.spec.similarity
         if similarity == "dot":
