@@ -26,6 +26,24 @@ def _states_summary(run: RunDir, path: str) -> dict[str, Any]:
     }
 
 
+def _cluster_details(layers: dict[str, Any]) -> str:
+    if not layers:
+        return ""
+    spread = max(row["size_max"] - row["size_min"] for row in layers.values())
+    shares = [row["matched_share"] for row in layers.values()]
+    return f"{len(layers)} layers, slot counts differ by ≤ {spread}, matched share {min(shares):.0%}–{max(shares):.0%}"
+
+
+def _distill_details(layers: dict[str, Any]) -> str:
+    if not layers:
+        return ""
+    ginis = [row["val_gini"] for row in layers.values()]
+    return f"{len(layers)} layers, Gini on held-out chunks {min(ginis):.3f}–{max(ginis):.3f}"
+
+
+_DETAILS = {"cluster": _cluster_details, "distill": _distill_details}
+
+
 def run_status(run: RunDir) -> dict[str, Any]:
     """One JSON-ready object: per stage whether it is complete, its timings, size and details."""
     if not run.fs.exists(run.root):
@@ -50,5 +68,7 @@ def run_status(run: RunDir) -> dict[str, Any]:
                 rows = entry["states"].get("rows", 0)
                 layers = len(entry["states"].get("layers", {}))
                 entry["details"] = f"{rows:,} rows × {layers} layers" + ("" if complete else " committed so far")
+        if complete and manifest is not None and stage in _DETAILS:
+            entry["details"] = _DETAILS[stage](manifest.stats.get("layers", {}))
         stages[stage] = entry
     return {"run_dir": run.url, "stages": stages}

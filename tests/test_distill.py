@@ -13,6 +13,7 @@ from pipeline.dump import run_dump
 from pipeline.errors import LprError
 from pipeline.export import run_export
 from pipeline.models import find_routers
+from pipeline.status import run_status
 from storage.routers_store import read_layer_router
 from storage.rundir import RunDir
 from tests.conftest import tiny_run_config
@@ -66,6 +67,9 @@ def test_distill_improves_on_the_init_and_balances_calibration(distilled):
         assert meta["summary"]["best_step"] == meta["history"][losses.index(min(losses))]["step"]
     again = run_distill(cfg=cfg, run=run)
     assert again.skipped
+    stages = run_status(run)["stages"]
+    assert stages["cluster"]["details"].startswith("2 layers, slot counts differ by ≤ ")
+    assert stages["distill"]["details"].startswith("2 layers, Gini on held-out chunks ")
 
 
 def test_distilled_routers_export_and_load(distilled, tmp_path, tiny_model):
