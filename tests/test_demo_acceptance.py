@@ -57,3 +57,9 @@ def test_demo_dump_is_complete_and_faithful(demo_path, tmp_path, monkeypatch):
         np.testing.assert_allclose(logits.detach().numpy(), stored, atol=5e-3, rtol=5e-3)
         same = (np.sort(idx.numpy(), 1) == np.sort(reader.read("topk_idx", layer=layer), 1)).all(1)
         assert same.mean() >= 0.999
+    # the cluster stage: exactly balanced slots in every layer, clusters that agree with the experts
+    for layer in reader.layers:
+        meta = json.loads((run_dir / "prototypes" / f"{layer}.json").read_text())
+        assert meta["kmeans"]["size_max"] - meta["kmeans"]["size_min"] <= 1
+        assert meta["matching"]["matched_share"] >= 2 * meta["matching"]["chance_share"]
+    assert json.loads((run_dir / "manifests" / "distill.json").read_text())["outputs"]["layers"] == reader.layers
