@@ -111,10 +111,11 @@ def main() -> None:
     print(f"{'variant':<15} {'CE':>7} {'ΔCE':>8} {'slot Gini':>10} {'min/max':>8} {'soft Gini':>10}")
     for name, r in results.items():
         delta = (r["cross_entropy"] / base - 1) * 100
-        print(
-            f"{name:<15} {r['cross_entropy']:7.4f} {delta:+7.2f}% {r['gini']:10.4f} {r['min_max']:8.3f} {r['soft_gini']:10.4f}"
-        )
-    summary = {n: {k: round(v, 5) for k, v in r.items() if k != "layers"} for n, r in results.items()}
+        figures = f"{r['gini']:10.4f} {r['min_max']:8.3f} {r['soft_gini']:10.4f}"
+        print(f"{name:<15} {r['cross_entropy']:7.4f} {delta:+7.2f}% {figures}")
+    summary = {
+        name: {key: round(value, 5) for key, value in r.items() if key != "layers"} for name, r in results.items()
+    }
     print(json.dumps({"tokens": int(ids.numel()), **summary}))
 
 
