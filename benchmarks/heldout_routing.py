@@ -78,10 +78,10 @@ def original_with_bias(model, cfg, run: RunDir) -> dict[str, LatentPrototypeRout
     """The original gates as identity LPRs, with a choice bias calibrated on the run's stored rows."""
     reader = StatesReader(run.url_of(run.output_path("dump")), run.storage_options)
     spec = spec_for(model.config, latent_dim=model.config.hidden_size, similarity="dot")
+    ranges = sample_ranges(reader.num_rows, reader.chunk_rows, cfg.router.calibration_rows, cfg.seed + 1000)
     routers = {}
     for site, layer in zip(find_routers(model), reader.layers, strict=True):
         router = identity_router(site.module.weight, spec)
-        ranges = sample_ranges(reader.num_rows, reader.chunk_rows, cfg.router.calibration_rows, cfg.seed + 1000)
         calibrate_bias(router, encode_rows(router, reader, layer, ranges))
         routers[site.name] = router.eval()
     return routers

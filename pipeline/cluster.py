@@ -23,7 +23,8 @@ from pipeline.latent import fit_basis
 from pipeline.matching import match_clusters
 from pipeline.progress import info, progress_bar
 from pipeline.stages import build_manifest, previous_run
-from storage.prototypes import copy_layer, read_layer_meta, write_layer
+from storage.layer_files import copy_layer, read_layer_meta
+from storage.prototypes import write_layer
 from storage.rundir import Manifest, RunDir, fingerprint
 from storage.states import StatesReader
 

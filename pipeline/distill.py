@@ -21,23 +21,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.cluster import sample_ranges
 from pipeline.config import RunConfig
 from pipeline.errors import LprError
-from pipeline.init_routers import (
-    calibrate_bias,
-    calibrate_temperature,
-    encode_rows,
-    router_from_prototypes,
-    teacher_top1,
-)
+from pipeline.init_routers import calibrate_bias, encode_rows, initial_router
 from pipeline.metrics import expert_load, gini
 from pipeline.models import load_config, resolve_model_path
 from pipeline.progress import info, progress_bar
-from pipeline.router import LatentPrototypeRouter, spec_for
+from pipeline.router import LatentPrototypeRouter
 from pipeline.stages import build_manifest, previous_run
-from storage.prototypes import read_layer
-from storage.routers_store import read_layer_router, write_layer_router
+from storage.layer_files import read_layer_meta
+from storage.routers_store import write_layer_router
 from storage.rundir import Manifest, RunDir, fingerprint
 from storage.states import StatesReader
 
@@ -63,11 +56,9 @@ def split_chunks(num_rows: int, chunk_rows: int, heldout_share: float, seed: int
         cut = max(1, min(num_rows - 1, round(num_rows * (1 - heldout_share))))
         return [(0, cut)], [(cut, num_rows)]
     order = np.random.default_rng(seed).permutation(len(starts))
-    n_val = max(1, round(len(starts) * heldout_share)) if len(starts) > 1 else 0
-    val = sorted(starts[i] for i in order[:n_val])
-    train = sorted(starts[i] for i in order[n_val:])
-    as_ranges = lambda chosen: [(s, min(s + chunk_rows, num_rows)) for s in chosen]  # noqa: E731
-    return as_ranges(train), as_ranges(val)
+    n_val = max(1, round(len(starts) * heldout_share))
+    ranges = [(start, min(start + chunk_rows, num_rows)) for start in starts]
+    return sorted(ranges[i] for i in order[n_val:]), sorted(ranges[i] for i in order[:n_val])
 
 
 def shuffled_batches(
@@ -92,9 +83,9 @@ def shuffled_batches(
 def validation_loss(router: LatentPrototypeRouter, x: torch.Tensor, teacher: torch.Tensor, balance: float) -> dict:
     with torch.no_grad():
         target = teacher_target(teacher, balance)
-        log_student = F.log_softmax(router.scores(x).float(), dim=-1)
-        loss = float(-(target * log_student).sum(-1).mean())
-        _, indices = router.route(router.scores(x))
+        logits = router.scores(x)
+        loss = float(-(target * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean())
+        _, indices = router.route(logits)
         load = expert_load(indices.numpy(), router.num_experts)
         teacher_top = teacher.topk(router.top_k, -1).indices
         agreement = float((indices[:, :, None] == teacher_top[:, None, :]).any(-1).float().mean())
@@ -171,9 +162,9 @@ def run_distill(*, cfg: RunConfig, run: RunDir, force: bool = False) -> Manifest
     partial = run.partial_path(STAGE)
     summary = {}
     for layer in reader.layers:
-        existing = read_layer_router(run, partial, layer)
-        if existing is not None and existing[1].get("fingerprint") == fp:
-            summary[layer] = existing[1]["summary"]
+        done = read_layer_meta(run, partial, layer)
+        if done is not None and done.get("fingerprint") == fp:
+            summary[layer] = done["summary"]
             info(f"[bold]distill[/] {layer}: reused (already done with this config)")
             continue
         summary[layer] = distill_one(cfg=cfg, run=run, reader=reader, layer=layer, fp=fp, model_config=model_config)
@@ -188,18 +179,13 @@ def run_distill(*, cfg: RunConfig, run: RunDir, force: bool = False) -> Manifest
 def distill_one(*, cfg: RunConfig, run: RunDir, reader: StatesReader, layer: str, fp: str, model_config: Any) -> dict:
     """One layer: LPR-init, distillation, bias calibration; written into ``routers.partial/``."""
     started = time.time()
-    tensors, meta = read_layer(run, run.output_path("cluster"), layer)
-    spec = spec_for(model_config, latent_dim=int(meta["latent_dim"]), similarity=cfg.router.similarity)
-    router = router_from_prototypes(tensors, spec)
+    init = initial_router(cfg=cfg, run=run, reader=reader, layer=layer, model_config=model_config)
+    router, meta, calibration = init.router, init.meta, init.calibration
     seed = cfg.seed + meta["layer_index"]
     train, val_ranges = split_chunks(reader.num_rows, reader.chunk_rows, cfg.distill.heldout_share, seed)
     val_x = torch.cat([reader.read_x(layer, a, b).float() for a, b in val_ranges])[: cfg.distill.val_rows]
     val_t = torch.from_numpy(np.concatenate([reader.read("logits", a, b, layer=layer) for a, b in val_ranges]))
     val_t = val_t[: cfg.distill.val_rows]
-    calibration = sample_ranges(reader.num_rows, reader.chunk_rows, cfg.router.calibration_rows, seed + 1000)
-    calibrate_temperature(
-        router, encode_rows(router, reader, layer, calibration), teacher_top1(reader, layer, calibration)
-    )
     batches = shuffled_batches(
         reader, layer, train, batch_rows=cfg.distill.batch_rows, buffer_rows=cfg.distill.buffer_rows, seed=seed
     )
@@ -218,7 +204,7 @@ def distill_one(*, cfg: RunConfig, run: RunDir, reader: StatesReader, layer: str
         "layer": layer,
         "module": meta["module"],
         "fingerprint": fp,
-        "spec": spec.to_dict(),
+        "spec": router.spec.to_dict(),
         "summary": summary,
         "history": stats["history"],
     }

@@ -9,21 +9,13 @@ from typing import Any
 from torch import nn
 
 from pipeline import __version__
-from pipeline.cluster import sample_ranges
 from pipeline.config import RunConfig
 from pipeline.errors import LprError
-from pipeline.init_routers import (
-    calibrate_bias,
-    calibrate_temperature,
-    encode_rows,
-    router_from_prototypes,
-    teacher_top1,
-)
+from pipeline.init_routers import calibrate_bias, encode_rows, initial_router
 from pipeline.models import find_routers, load_config, resolve_model_path
 from pipeline.progress import info
 from pipeline.replace import install_routers
 from pipeline.router import LatentPrototypeRouter, RouterSpec, spec_for
-from storage.prototypes import read_layer
 from storage.routers import read_routers, write_routers
 from storage.routers_store import read_layer_router
 from storage.rundir import RunDir
@@ -51,22 +43,10 @@ def build_init_routers(cfg: RunConfig, run: RunDir) -> tuple[dict[str, LatentPro
     reader = StatesReader(run.url_of(run.output_path("dump")), run.storage_options)
     routers, metrics = {}, {}
     for layer in reader.layers:
-        tensors, meta = read_layer(run, run.output_path("cluster"), layer)
-        spec = spec_for(model_config, latent_dim=int(meta["latent_dim"]), similarity=cfg.router.similarity)
-        made_for = (tensors["components"].shape[1], tensors["centroids"].shape[0])
-        if made_for != (spec.hidden_size, spec.num_experts):
-            raise LprError(
-                f"the prototypes in {run.url} were made for hidden size {made_for[0]} and {made_for[1]} experts, "
-                f"but the configured model ({cfg.model.path}) has {spec.hidden_size} and {spec.num_experts}",
-                "pass the model the run was dumped with (--set model.path=...)",
-            )
-        router = router_from_prototypes(tensors, spec)
-        seed = cfg.seed + 1000 + meta["layer_index"]  # other chunks than the clustering sample, where it can
-        ranges = sample_ranges(reader.num_rows, reader.chunk_rows, cfg.router.calibration_rows, seed)
-        z = encode_rows(router, reader, layer, ranges)
-        temperature = calibrate_temperature(router, z, teacher_top1(reader, layer, ranges))
-        metrics[layer] = {"temperature": temperature, **calibrate_bias(router, z)}
-        routers[meta["module"]] = router
+        init = initial_router(cfg=cfg, run=run, reader=reader, layer=layer, model_config=model_config)
+        balance = calibrate_bias(init.router, encode_rows(init.router, reader, layer, init.calibration))
+        metrics[layer] = {"temperature": init.temperature, **balance}
+        routers[init.meta["module"]] = init.router
     return routers, metrics
 
 

@@ -11,13 +11,19 @@ number of slots on the calibration rows.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline.auction import auction
-from pipeline.router import LatentPrototypeRouter, RouterSpec
+from pipeline.cluster import sample_ranges
+from pipeline.config import RunConfig
+from pipeline.errors import LprError
+from pipeline.router import LatentPrototypeRouter, RouterSpec, spec_for
+from storage.prototypes import read_layer
+from storage.rundir import RunDir
 from storage.states import StatesReader
 
 
@@ -78,3 +84,33 @@ def calibrate_bias(router: LatentPrototypeRouter, z: torch.Tensor) -> dict[str, 
         _, indices = router.route(router.latent_scores(z))
     slots = np.bincount(indices.numpy().reshape(-1), minlength=probs.shape[1])
     return {"calibration_rows": int(z.shape[0]), "slots_min": int(slots.min()), "slots_max": int(slots.max())}
+
+
+@dataclass
+class InitialRouter:
+    router: LatentPrototypeRouter  # LPR-init, temperature calibrated, bias still zero
+    meta: dict[str, Any]  # the layer's prototype metadata (module, layer_index, ...)
+    calibration: list[tuple[int, int]]  # the chunks to calibrate the bias on (after any training)
+    temperature: float  # NaN for similarities without one
+
+
+def initial_router(
+    *, cfg: RunConfig, run: RunDir, reader: StatesReader, layer: str, model_config: Any
+) -> InitialRouter:
+    """One layer's LPR-init from ``prototypes/``, its temperature calibrated on stored rows."""
+    tensors, meta = read_layer(run, run.output_path("cluster"), layer)
+    spec = spec_for(model_config, latent_dim=int(meta["latent_dim"]), similarity=cfg.router.similarity)
+    made_for = (tensors["components"].shape[1], tensors["centroids"].shape[0])
+    if made_for != (spec.hidden_size, spec.num_experts):
+        raise LprError(
+            f"the prototypes in {run.url} were made for hidden size {made_for[0]} and {made_for[1]} experts, "
+            f"but the configured model ({cfg.model.path}) has {spec.hidden_size} and {spec.num_experts}",
+            "pass the model the run was dumped with (--set model.path=...)",
+        )
+    router = router_from_prototypes(tensors, spec)
+    # other chunks than the clustering sample, where the store has them
+    seed = cfg.seed + meta["layer_index"] + 1000
+    ranges = sample_ranges(reader.num_rows, reader.chunk_rows, cfg.router.calibration_rows, seed)
+    z = encode_rows(router, reader, layer, ranges)
+    temperature = calibrate_temperature(router, z, teacher_top1(reader, layer, ranges))
+    return InitialRouter(router, meta, ranges, temperature)

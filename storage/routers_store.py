@@ -1,35 +1,24 @@
-"""The distill stage's output: ``routers/layer_XXX.safetensors`` (router state) + ``layer_XXX.json``.
-
-JSON last: a layer whose JSON exists is complete. Only safetensors and JSON are read back.
-"""
+"""The routers directory (distill stage): per MoE layer, the router's state (torch tensors) + JSON."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
 from safetensors.torch import load, save
 
+from storage.layer_files import read_layer_blob, read_layer_meta, write_layer_files
 from storage.rundir import RunDir
 
 
 def write_layer_router(run: RunDir, directory: str, layer: str, state: dict[str, torch.Tensor], meta: dict) -> None:
-    run.fs.makedirs(directory, exist_ok=True)
-    path = f"{directory}/{layer}.safetensors"
-    with run.fs.open(path + ".tmp", "wb") as handle:
-        handle.write(save({k: v.detach().contiguous().cpu() for k, v in state.items()}))
-    run.fs.mv(path + ".tmp", path)
-    run.write_text(f"{directory}/{layer}.json", json.dumps(meta, indent=2))
+    blob = save({key: value.detach().contiguous().cpu() for key, value in state.items()})
+    write_layer_files(run, directory, layer, blob, meta)
 
 
 def read_layer_router(run: RunDir, directory: str, layer: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    text = run.read_text(f"{directory}/{layer}.json")
-    if text is None:
+    """A complete layer's state and metadata, or None when the layer is not complete."""
+    meta = read_layer_meta(run, directory, layer)
+    if meta is None:
         return None
-    try:
-        meta = json.loads(text)
-    except ValueError:
-        return None
-    with run.fs.open(f"{directory}/{layer}.safetensors", "rb") as handle:
-        return load(handle.read()), meta
+    return load(read_layer_blob(run, directory, layer)), meta

@@ -90,3 +90,24 @@ def tiny_run_config(model: Path, corpus: Path, **dump) -> dict:
         "corpus": {"source": str(corpus), "seq_len": 32},
         "dump": {"max_tokens": None, "batch_tokens": 128, "chunk_rows": 256} | dump,
     }
+
+
+def clustered_run(path: Path, model: Path, corpus: Path, **sections: dict):
+    """A run directory with its config saved (as the CLI does), dumped and clustered on the tiny
+    model; ``sections`` add to the small cluster/router settings. Returns (cfg, run)."""
+    from pipeline.cluster import run_cluster
+    from pipeline.config import build_config, to_yaml
+    from pipeline.dump import run_dump
+    from storage.rundir import RunDir
+
+    cfg = build_config(
+        tiny_run_config(model, corpus)
+        | {"cluster": {"latent_dim": 8, "iterations": 5}, "router": {"calibration_rows": 512}}
+        | sections
+    )
+    run = RunDir(str(path))
+    run.ensure()
+    run.write_config(to_yaml(cfg))  # later commands read the model from it
+    run_dump(cfg=cfg, run=run)
+    run_cluster(cfg=cfg, run=run)
+    return cfg, run

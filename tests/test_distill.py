@@ -6,17 +6,15 @@ import pytest
 import torch
 
 from pipeline import load_lpr_model
-from pipeline.cluster import run_cluster
-from pipeline.config import build_config, to_yaml
+from pipeline.config import build_config
 from pipeline.distill import run_distill, sinkhorn_balance, split_chunks, teacher_target
-from pipeline.dump import run_dump
 from pipeline.errors import LprError
 from pipeline.export import run_export
 from pipeline.models import find_routers
 from pipeline.status import run_status
 from storage.routers_store import read_layer_router
 from storage.rundir import RunDir
-from tests.conftest import tiny_run_config
+from tests.conftest import clustered_run, tiny_run_config
 
 
 def test_sinkhorn_gives_uniform_columns_and_stays_close():
@@ -39,18 +37,8 @@ def test_split_chunks_keeps_validation_apart():
 
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory, tiny_model, tiny_corpus):
-    path = tmp_path_factory.mktemp("distill") / "run"
-    data = tiny_run_config(tiny_model, tiny_corpus) | {
-        "cluster": {"latent_dim": 8, "iterations": 5},
-        "router": {"calibration_rows": 512},
-        "distill": {"steps": 60, "batch_rows": 128, "buffer_rows": 1024, "eval_every": 20, "val_rows": 512},
-    }
-    cfg = build_config(data)
-    run = RunDir(str(path))
-    run.ensure()
-    run.write_config(to_yaml(cfg))
-    run_dump(cfg=cfg, run=run)
-    run_cluster(cfg=cfg, run=run)
+    distill = {"steps": 60, "batch_rows": 128, "buffer_rows": 1024, "eval_every": 20, "val_rows": 512}
+    cfg, run = clustered_run(tmp_path_factory.mktemp("distill") / "run", tiny_model, tiny_corpus, distill=distill)
     return cfg, run, run_distill(cfg=cfg, run=run)
 
 

@@ -13,30 +13,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pipeline import load_lpr_model
-from pipeline.cluster import run_cluster
-from pipeline.config import build_config, to_yaml
-from pipeline.dump import run_dump
 from pipeline.errors import LprError
 from pipeline.export import build_init_routers, export_routers
 from pipeline.models import find_routers
-from storage.rundir import RunDir
-from tests.conftest import save_tiny_moe, tiny_run_config
+from tests.conftest import clustered_run, save_tiny_moe
 
 
 @pytest.fixture(scope="module")
 def clustered(tmp_path_factory, tiny_model, tiny_corpus):
-    path = tmp_path_factory.mktemp("export") / "run"
-    data = tiny_run_config(tiny_model, tiny_corpus) | {
-        "cluster": {"latent_dim": 8, "iterations": 5},
-        "router": {"calibration_rows": 512},
-    }
-    cfg = build_config(data)
-    run = RunDir(str(path))
-    run.ensure()
-    run.write_config(to_yaml(cfg))  # what the CLI does: later commands read the model from it
-    run_dump(cfg=cfg, run=run)
-    run_cluster(cfg=cfg, run=run)
-    return cfg, run
+    return clustered_run(tmp_path_factory.mktemp("export") / "run", tiny_model, tiny_corpus)
 
 
 def test_init_routers_are_balanced_on_calibration_rows(clustered):
