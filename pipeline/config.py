@@ -89,6 +89,23 @@ class DistillConfig(_Section):
     eval_every: int = Field(50, ge=1)
 
 
+class ValidateConfig(_Section):
+    """The validate stage: every routing variant in the same model, on held-out documents → ``report/``."""
+
+    variants: list[str] = ["original", "original+bias", "lpr-init", "lpr"]  # names in pipeline/variants.py
+    sequences: int = Field(96, ge=1)  # held-out sequences (corpus.seq_len tokens each) for loss and load
+    batch_size: int = Field(16, ge=1)  # sequences per forward pass (also the batch that overflow is counted on)
+    capacity_factors: list[float] = [1.0, 1.25]  # expert capacity as a multiple of the mean load (overflow)
+    devices: list[int] = [2, 4, 8]  # expert-parallel device counts (balancedness)
+    idle_fraction: float = Field(0.01, ge=0, lt=1)  # an expert below this share of a fair load counts as idle
+    bias_strengths: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5]  # original+bias swept over its strength
+    tasks: list[str] = ["lpr_demo_cloze"]  # lm-eval tasks by name (the shipped local task, hellaswag, …); [] skips
+    task_limit: int | None = Field(None, ge=1)  # documents per lm-eval task; null: all
+    eval_batch_size: int = Field(32, ge=1)  # lm-eval batch size
+    max_gini: float = Field(0.1, gt=0, le=1)  # winner: lowest held-out loss among variants with mean Gini ≤ this
+    sweep_balance: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]  # `lpr-distill sweep`: distill.balance settings
+
+
 class DemoConfig(_Section):
     """The built-in demo model: a small Qwen3-MoE trained on the demo corpus on a CPU."""
 
@@ -132,6 +149,7 @@ class RunConfig(_Section):
     cluster: ClusterConfig = ClusterConfig()
     router: RouterConfig = RouterConfig()
     distill: DistillConfig = DistillConfig()
+    validate: ValidateConfig = ValidateConfig()
     demo: DemoConfig = DemoConfig()
 
     @model_validator(mode="after")
