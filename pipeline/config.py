@@ -7,6 +7,7 @@ RUN_DIR/config.yaml`` reproduces the run. Unknown keys and wrong types are error
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -137,6 +138,10 @@ class DemoConfig(_Section):
         if self.hidden_size % self.num_heads:
             raise ValueError(f"demo.hidden_size={self.hidden_size} should be a multiple of demo.num_heads")
         return self
+
+
+# The ``validate`` section is named after its stage; it shadows pydantic's deprecated ``BaseModel.validate``.
+warnings.filterwarnings("ignore", message='Field name "validate" in "RunConfig" shadows', category=UserWarning)
 
 
 class RunConfig(_Section):
