@@ -41,3 +41,108 @@ def load_summary(load: np.ndarray) -> dict[str, float]:
         "cv": coefficient_of_variation(x),
         "min_fair_share": float(x.min() / fair) if fair > 0 else 0.0,
     }
+
+
+def busiest_share(load: np.ndarray) -> float:
+    """Share of all load that the busiest expert takes (1/E = even, 1 = one expert takes all)."""
+    x = np.asarray(load, dtype=np.float64)
+    return float(x.max() / x.sum()) if x.sum() > 0 else 0.0
+
+
+def idle_experts(load: np.ndarray, fraction: float = 0.01) -> int:
+    """Experts whose load is below ``fraction`` of a fair share (sum / E): effectively unused."""
+    x = np.asarray(load, dtype=np.float64)
+    fair = x.sum() / x.size if x.size else 0.0
+    return int(np.sum(x < fraction * fair)) if fair > 0 else int(x.size)
+
+
+def _per_batch(loads: np.ndarray) -> np.ndarray:
+    x = np.asarray(loads, dtype=np.float64)
+    return x[None, :] if x.ndim == 1 else x
+
+
+def overflow_share(loads: np.ndarray, factor: float) -> float:
+    """Share of slots a capacity-limited system would drop.
+
+    loads: (E,) or (B, E) slots per expert in each of B batches. Each expert holds at most
+    ``factor`` × the batch's mean load; the excess over that capacity, summed over experts and
+    batches, over all slots. 0 when every expert is within capacity.
+    """
+    x = _per_batch(loads)
+    capacity = factor * x.sum(1, keepdims=True) / x.shape[1]
+    total = x.sum()
+    return float(np.clip(x - capacity, 0, None).sum() / total) if total > 0 else 0.0
+
+
+def ep_balancedness(loads: np.ndarray, devices: int) -> float | None:
+    """Expert-parallel efficiency: mean over max device load when the E experts are split evenly
+    (contiguously, E/devices each) over ``devices`` devices.
+
+    loads: (E,) or (B, E); with B batches, Σ_b mean_b / Σ_b max_b (each step waits for its busiest
+    device). 1 = every device equally busy. None when E is not a multiple of ``devices``.
+    """
+    x = _per_batch(loads)
+    if x.shape[1] % devices:
+        return None
+    per_device = x.reshape(x.shape[0], devices, -1).sum(-1)  # (B, devices)
+    busiest = per_device.max(1).sum()
+    return float(per_device.mean(1).sum() / busiest) if busiest > 0 else 0.0
+
+
+def topk_agreement(indices: np.ndarray, teacher: np.ndarray) -> float:
+    """Share of the router's top-k slots (n, k) whose expert is in the teacher's top-k set (n, k)."""
+    a, t = np.asarray(indices), np.asarray(teacher)
+    if a.size == 0:
+        return 0.0
+    return float((a[:, :, None] == t[:, None, :]).any(-1).mean())
+
+
+def balance_figures(load: np.ndarray, idle_fraction: float = 0.01) -> dict[str, float]:
+    """The even-ness of one load vector (E,): Gini, min/max, CV, busiest share, idle experts."""
+    return {
+        "gini": gini(load),
+        "min_max": min_max_ratio(load),
+        "cv": coefficient_of_variation(load),
+        "busiest_share": busiest_share(load),
+        "idle_experts": idle_experts(load, idle_fraction),
+    }
+
+
+def layer_metrics(
+    slots: np.ndarray,
+    soft: np.ndarray,
+    *,
+    capacity_factors: tuple[float, ...] = (1.0, 1.25),
+    devices: tuple[int, ...] = (2, 4, 8),
+    idle_fraction: float = 0.01,
+) -> dict:
+    """Every load figure of one MoE layer.
+
+    slots: (B, E) top-k slots per expert in each of B batches; soft: (B, E) routing-weight mass.
+    Returns ``slot`` and ``soft`` balance figures of the totals, ``overflow`` per capacity factor
+    and ``ep_balancedness`` per device count (both per batch, on slots).
+    """
+    slots, soft = _per_batch(slots), _per_batch(soft)
+    return {
+        "slot": balance_figures(slots.sum(0), idle_fraction),
+        "soft": balance_figures(soft.sum(0), idle_fraction),
+        "overflow": {f"{f:g}x": overflow_share(slots, f) for f in capacity_factors},
+        "ep_balancedness": {f"{d}": ep_balancedness(slots, d) for d in devices},
+        "slot_load": slots.sum(0).astype(np.int64).tolist(),
+        "soft_load": [round(float(v), 4) for v in soft.sum(0)],
+    }
+
+
+def average_layers(layers: list[dict]) -> dict:
+    """The mean over layers of every number in the nested per-layer dicts (lists and None are left out)."""
+
+    def mean(values: list) -> object:
+        first = values[0]
+        if isinstance(first, dict):
+            means = {key: mean([v[key] for v in values]) for key in first}
+            return {key: value for key, value in means.items() if value is not None}
+        if first is None or isinstance(first, list):
+            return None
+        return float(np.mean(values))
+
+    return mean(layers)

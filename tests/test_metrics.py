@@ -5,7 +5,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.metrics import coefficient_of_variation, expert_load, gini, load_summary, min_max_ratio
+from pipeline.metrics import (
+    average_layers,
+    balance_figures,
+    busiest_share,
+    coefficient_of_variation,
+    ep_balancedness,
+    expert_load,
+    gini,
+    idle_experts,
+    layer_metrics,
+    load_summary,
+    min_max_ratio,
+    overflow_share,
+    topk_agreement,
+)
 
 
 def gini_by_pairs(x: np.ndarray) -> float:
@@ -32,3 +46,75 @@ def test_expert_load_counts_slots():
     np.testing.assert_array_equal(expert_load(idx, 5), [1, 3, 1, 1, 0])
     summary = load_summary(expert_load(idx, 5))
     assert summary["min_fair_share"] == 0.0 and summary["min_max"] == 0.0
+
+
+def test_hand_computed_vector():
+    load = np.array([1, 2, 3, 4])  # mean 2.5, population std sqrt(1.25)
+    # Gini: sum over pairs |xi - xj| = 2·(1+2+3+1+2+1) = 20; 20 / (2 · 16 · 2.5) = 0.25
+    assert gini(load) == pytest.approx(0.25)
+    assert min_max_ratio(load) == pytest.approx(0.25)
+    assert coefficient_of_variation(load) == pytest.approx(np.sqrt(1.25) / 2.5)
+    assert busiest_share(load) == pytest.approx(0.4)
+    assert idle_experts(load, 0.5) == 1  # 1 < 0.5 · 2.5 = 1.25; 2 is not
+    assert idle_experts(load, 0.01) == 0
+
+
+def test_empty_expert():
+    load = np.array([0, 5, 5, 10])
+    assert min_max_ratio(load) == 0.0
+    assert idle_experts(load) == 1
+    assert busiest_share(load) == pytest.approx(0.5)
+    # pairs: |0-5|·2 + |0-10| + 0 + |5-10|·2 = 30, doubled 60; 60 / (2 · 16 · 5) = 0.375
+    assert gini(load) == pytest.approx(0.375)
+    figures = balance_figures(load)
+    assert figures["idle_experts"] == 1 and figures["min_max"] == 0.0
+
+
+def test_overflow_at_capacity():
+    # mean 3 per expert; capacity 1.0x = 3: expert 0 drops 6 - 3 = 3 of 12 slots
+    assert overflow_share(np.array([6, 3, 2, 1]), 1.0) == pytest.approx(3 / 12)
+    # capacity 1.25x = 3.75: drops 6 - 3.75 = 2.25 of 12
+    assert overflow_share(np.array([6, 3, 2, 1]), 1.25) == pytest.approx(2.25 / 12)
+    assert overflow_share(np.full(4, 3), 1.0) == 0.0
+    # per batch: batch 1 even (nothing dropped), batch 2 all on one expert: 8 - 2 = 6 dropped of 16 slots
+    batches = np.array([[2, 2, 2, 2], [8, 0, 0, 0]])
+    assert overflow_share(batches, 1.0) == pytest.approx(6 / 16)
+    assert overflow_share(batches.sum(0), 1.0) == pytest.approx((10 - 4) / 16)  # pooled: hides nothing here
+
+
+def test_expert_parallel_balancedness():
+    load = np.array([4, 0, 2, 2, 1, 1, 1, 1])
+    # 2 devices: [8, 4] → mean 6 / max 8
+    assert ep_balancedness(load, 2) == pytest.approx(0.75)
+    # 4 devices: [4, 4, 2, 2] → 3 / 4
+    assert ep_balancedness(load, 4) == pytest.approx(0.75)
+    # 8 devices: each expert alone → mean 1.5 / max 4
+    assert ep_balancedness(load, 8) == pytest.approx(0.375)
+    assert ep_balancedness(load, 3) is None  # 8 experts do not split evenly over 3 devices
+    # per batch: each step waits for its busiest device: (2 + 2) / (2 + 4)
+    assert ep_balancedness(np.array([[2, 2], [4, 0]]), 2) == pytest.approx(4 / 6)
+
+
+def test_topk_agreement():
+    router = np.array([[0, 1], [2, 3]])
+    teacher = np.array([[1, 0], [2, 0]])
+    assert topk_agreement(router, teacher) == pytest.approx(3 / 4)
+    assert topk_agreement(teacher, teacher) == 1.0
+
+
+def test_layer_metrics_and_average():
+    slots = np.array([[3, 1, 0, 0], [1, 3, 0, 0]])
+    soft = slots * 0.5
+    layer = layer_metrics(slots, soft, capacity_factors=(1.0,), devices=(2, 3))
+    assert layer["slot_load"] == [4, 4, 0, 0]
+    assert layer["slot"]["idle_experts"] == 2 and layer["slot"]["min_max"] == 0.0
+    assert layer["soft"]["gini"] == pytest.approx(layer["slot"]["gini"])
+    # capacity 1.0x = 1 per expert per batch: (3 - 1) dropped in each batch → 4 of 8
+    assert layer["overflow"]["1x"] == pytest.approx(0.5)
+    assert layer["ep_balancedness"] == {"2": pytest.approx(0.5), "3": None}
+    even = layer_metrics(np.full((1, 4), 2), np.full((1, 4), 1.0), capacity_factors=(1.0,), devices=(2, 3))
+    mean = average_layers([layer, even])
+    assert mean["slot"]["gini"] == pytest.approx(layer["slot"]["gini"] / 2)
+    assert mean["overflow"]["1x"] == pytest.approx(0.25)
+    assert mean["ep_balancedness"] == {"2": pytest.approx(0.75)}  # None (3 devices) is left out
+    assert "slot_load" not in mean
