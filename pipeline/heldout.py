@@ -1,0 +1,119 @@
+"""Held-out measurement of a model as it is routed now: loss, and per-layer expert load.
+
+Held-out sequences are packed from the corpus's held-out documents (split by a hash of the
+document name: never dumped, clustered, distilled or calibrated on). One pass over them records,
+at every MoE router, the top-k slots and routing-weight mass per expert in each batch, and the
+original gate's top-k on the same router input (the teacher, for top-k agreement).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.config import RunConfig
+from pipeline.corpus import iter_documents, iter_packed, split_documents
+from pipeline.errors import LprError
+from pipeline.metrics import average_layers, layer_metrics, topk_agreement
+from pipeline.models import find_routers
+
+
+def heldout_sequences(cfg: RunConfig, tokenizer: Any, sequences: int) -> torch.Tensor:
+    """The first ``sequences`` full packed sequences of the held-out documents → ids (n, seq_len) int64."""
+    docs = split_documents(iter_documents(cfg.corpus), split="heldout", heldout_fraction=cfg.corpus.heldout_fraction)
+    full = []
+    for seq in iter_packed(docs, tokenizer=tokenizer, seq_len=cfg.corpus.seq_len, max_tokens=None):
+        if len(seq.ids) == cfg.corpus.seq_len:
+            full.append(seq.ids)
+        if len(full) == sequences:
+            break
+    if not full:
+        raise LprError(
+            f"the corpus's held-out documents give no sequence of {cfg.corpus.seq_len} tokens",
+            "raise corpus.heldout_fraction or lower corpus.seq_len",
+        )
+    return torch.from_numpy(np.stack(full)).long()
+
+
+class _Recorder:
+    """Forward hooks on every router: slots and weight mass per expert per batch, teacher agreement."""
+
+    def __init__(self, model: nn.Module, teachers: dict[str, nn.Module]) -> None:
+        self.sites = find_routers(model)
+        self.experts = self.sites[0].module.num_experts
+        self.slots: dict[str, list[np.ndarray]] = {s.name: [] for s in self.sites}
+        self.soft: dict[str, list[np.ndarray]] = {s.name: [] for s in self.sites}
+        self.agree: dict[str, list[float]] = {s.name: [] for s in self.sites}
+        self.teachers = teachers
+        self.handles = [s.module.register_forward_hook(self._hook(s.name, s.module)) for s in self.sites]
+
+    def _hook(self, name: str, module: nn.Module) -> Callable:
+        teacher = self.teachers.get(name)
+
+        def record(_module: nn.Module, args: tuple, output: tuple) -> None:
+            _, weights, indices = output
+            idx = indices.reshape(-1, indices.shape[-1]).cpu().numpy()
+            w = weights.reshape(-1, weights.shape[-1]).float().cpu().numpy()
+            self.slots[name].append(np.bincount(idx.reshape(-1), minlength=self.experts))
+            self.soft[name].append(np.bincount(idx.reshape(-1), weights=w.reshape(-1), minlength=self.experts))
+            if teacher is None or teacher is module:
+                self.agree[name].append(1.0)
+                return
+            teacher_idx = teacher(args[0])[2].reshape(idx.shape).cpu().numpy()
+            self.agree[name].append(topk_agreement(idx, teacher_idx))
+
+        return record
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def measure(
+    model: nn.Module, ids: torch.Tensor, *, cfg: RunConfig, teachers: dict[str, nn.Module] | None = None
+) -> dict[str, Any]:
+    """Held-out CE / perplexity and every load figure per layer and averaged over layers.
+
+    ids: (n, L) int64 held-out sequences, run in batches of ``validate.batch_size``. teachers: the
+    original router modules by name (top-k agreement is measured against them; 1.0 where absent).
+    """
+    v = cfg.validate
+    started = time.time()
+    recorder = _Recorder(model, teachers or {})
+    device = next(model.parameters()).device
+    loss_sum, token_count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(ids), v.batch_size):
+                batch = ids[start : start + v.batch_size].to(device)
+                tokens = batch.numel() - batch.shape[0]  # next-token targets
+                loss_sum += float(model(batch, labels=batch).loss) * tokens
+                token_count += tokens
+    finally:
+        recorder.close()
+    layers = []
+    for site in recorder.sites:
+        figures = layer_metrics(
+            np.stack(recorder.slots[site.name]),
+            np.stack(recorder.soft[site.name]),
+            capacity_factors=tuple(v.capacity_factors),
+            devices=tuple(v.devices),
+            idle_fraction=v.idle_fraction,
+        )
+        figures["topk_agreement"] = float(np.mean(recorder.agree[site.name]))
+        layers.append({"layer": site.name, **figures})
+    ce = loss_sum / max(1, token_count)
+    return {
+        "cross_entropy": ce,
+        "perplexity": math.exp(ce),
+        "tokens": int(ids.numel()),
+        "mean": average_layers([{k: val for k, val in layer.items() if k != "layer"} for layer in layers]),
+        "layers": layers,
+        "seconds": round(time.time() - started, 2),
+    }

@@ -1,0 +1,93 @@
+"""The report's figures as PNG bytes (matplotlib, no display): load heatmaps, Gini per layer, the frontier.
+
+Plots only draw; ``storage/report.py`` writes the bytes.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import LprError
+
+
+def require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise LprError("matplotlib is not installed (the report's plots need it)", 'pip install -e ".[eval]"') from None
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig: Any) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def load_heatmaps(variants: dict[str, dict]) -> bytes:
+    """One panel per variant: layers × experts, slot load as a multiple of a fair share (1 = even)."""
+    plt = _pyplot()
+    names = list(variants)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.2), squeeze=False)
+    image = None
+    for ax, name in zip(axes[0], names, strict=True):
+        load = np.array([layer["slot_load"] for layer in variants[name]["layers"]], dtype=float)  # (layers, E)
+        share = load / load.mean(1, keepdims=True)
+        image = ax.imshow(share, aspect="auto", cmap="RdBu_r", vmin=0, vmax=2, interpolation="nearest")
+        ax.set_title(f"{name}\nslot Gini {variants[name]['mean']['slot']['gini']:.3f}", fontsize=9)
+        ax.set_xlabel("expert")
+        ax.set_yticks(range(len(load)))
+        ax.set_ylabel("MoE layer")
+    fig.colorbar(image, ax=axes[0].tolist(), label="load / fair share")
+    fig.suptitle("Expert load per layer per variant (held-out top-k slots; 1 = fair share)", fontsize=10, y=1.06)
+    return _png(fig)
+
+
+def gini_per_layer(variants: dict[str, dict]) -> bytes:
+    """Slot-load Gini of every MoE layer, one line per variant."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, result in variants.items():
+        ginis = [layer["slot"]["gini"] for layer in result["layers"]]
+        ax.plot(range(len(ginis)), ginis, marker="o", label=name)
+    ax.set_xlabel("MoE layer")
+    ax.set_ylabel("Gini of expert load (top-k slots)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Gini of held-out expert load per layer (0 = perfectly even)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def frontier(curves: dict[str, list[dict]], points: dict[str, dict]) -> bytes:
+    """Held-out cross-entropy against mean slot Gini: curves (each a list of {gini, cross_entropy,
+    label}) and single points (variants)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, curve in curves.items():
+        ordered = sorted(curve, key=lambda p: p["gini"])
+        ax.plot([p["gini"] for p in ordered], [p["cross_entropy"] for p in ordered], marker="o", label=name)
+        for p in ordered:
+            ax.annotate(
+                p["label"], (p["gini"], p["cross_entropy"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
+    for name, p in points.items():
+        ax.scatter([p["gini"]], [p["cross_entropy"]], marker="*", s=120, zorder=3, label=name)
+    ax.set_xlabel("mean Gini of expert load over layers (held-out top-k slots)")
+    ax.set_ylabel("held-out cross-entropy (nats/token)")
+    ax.set_title("Quality/balance frontier (lower left is better)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)

@@ -1,0 +1,189 @@
+"""The validation report's content: the summary table, the comparison at equal balance, the winner.
+
+Pure functions over the measured results (no I/O): ``pipeline/validate.py`` measures,
+``storage/report.py`` writes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+BASELINES = ("original", "original+bias", "lpr-init")
+
+
+def delta_pct(ce: float, base: float) -> float:
+    return (ce / base - 1) * 100
+
+
+def curve_point(label: str, result: dict[str, Any]) -> dict[str, Any]:
+    """One point of a frontier curve: the figures a reader compares at a glance."""
+    mean = result["mean"]
+    return {
+        "label": label,
+        "gini": mean["slot"]["gini"],
+        "min_max": mean["slot"]["min_max"],
+        "cv": mean["slot"]["cv"],
+        "soft_gini": mean["soft"]["gini"],
+        "topk_agreement": mean["topk_agreement"],
+        "cross_entropy": result["cross_entropy"],
+        "perplexity": result["perplexity"],
+    }
+
+
+def interpolate_ce(curve: list[dict[str, Any]], gini: float) -> float | None:
+    """Cross-entropy of a curve at a given mean Gini (linear between its points); None outside its range."""
+    ordered = sorted(curve, key=lambda p: p["gini"])
+    xs = np.array([p["gini"] for p in ordered])
+    ys = np.array([p["cross_entropy"] for p in ordered])
+    if len(xs) == 0 or gini < xs.min() or gini > xs.max():
+        return None
+    return float(np.interp(gini, xs, ys))
+
+
+def compare_at_balance(variants: dict[str, dict], bias_curve: list[dict]) -> dict[str, Any] | None:
+    """LPR's cross-entropy increase against the bias baseline's at the same mean Gini (on the bias curve)."""
+    if "lpr" not in variants or "original" not in variants or not bias_curve:
+        return None
+    base = variants["original"]["cross_entropy"]
+    lpr = curve_point("lpr", variants["lpr"])
+    bias_ce = interpolate_ce(bias_curve, lpr["gini"])
+    out: dict[str, Any] = {
+        "lpr_gini": lpr["gini"],
+        "lpr_min_max": lpr["min_max"],
+        "lpr_delta_ce_pct": delta_pct(lpr["cross_entropy"], base),
+        "bias_delta_ce_pct_at_same_gini": None if bias_ce is None else delta_pct(bias_ce, base),
+        "ratio": None,
+    }
+    if bias_ce is None:
+        reach = min(p["gini"] for p in bias_curve)
+        out["note"] = f"the bias baseline reaches no Gini below {reach:.3f} over its strengths: LPR is more balanced"
+    elif bias_ce > base:
+        out["ratio"] = (lpr["cross_entropy"] - base) / (bias_ce - base)
+    return out
+
+
+def pick_winner(variants: dict[str, dict], max_gini: float) -> dict[str, Any]:
+    """Lowest held-out cross-entropy among variants with mean slot Gini ≤ ``max_gini`` (the original
+    gate competes too, when it is that balanced); if none is, the most balanced variant."""
+    criterion = f"lowest held-out cross-entropy among variants with mean slot Gini ≤ {max_gini:g}"
+    eligible = {n: r for n, r in variants.items() if r["mean"]["slot"]["gini"] <= max_gini}
+    if eligible:
+        name = min(eligible, key=lambda n: eligible[n]["cross_entropy"])
+    else:
+        criterion = f"no variant reaches mean slot Gini ≤ {max_gini:g}: the most balanced one"
+        name = min(variants, key=lambda n: variants[n]["mean"]["slot"]["gini"])
+    baseline = name in BASELINES
+    result = variants[name]
+    figures = f"held-out CE {result['cross_entropy']:.4f}, mean slot Gini {result['mean']['slot']['gini']:.3f}"
+    sentence = f"Winner ({criterion}): **{name}** ({figures})."
+    if baseline:
+        sentence += f" A baseline wins: {name} is not the distilled LPR."
+    return {"criterion": criterion, "name": name, "is_baseline": baseline, "sentence": sentence}
+
+
+def summary_rows(variants: dict[str, dict]) -> list[dict[str, Any]]:
+    """One row per variant: the figures of the summary table (means over layers)."""
+    base = variants.get("original", next(iter(variants.values())))["cross_entropy"]
+    rows = []
+    for name, result in variants.items():
+        mean = result["mean"]
+        row = {
+            "variant": name,
+            "gini": mean["slot"]["gini"],
+            "min_max": mean["slot"]["min_max"],
+            "cv": mean["slot"]["cv"],
+            "soft_gini": mean["soft"]["gini"],
+            "idle_experts": mean["slot"]["idle_experts"],
+            "overflow_1x": mean["overflow"].get("1x"),
+            "ep_8": mean["ep_balancedness"].get("8"),
+            "cross_entropy": result["cross_entropy"],
+            "delta_ce_pct": delta_pct(result["cross_entropy"], base),
+            "perplexity": result["perplexity"],
+            "topk_agreement": mean["topk_agreement"],
+        }
+        for task, figures in result.get("tasks", {}).items():
+            row[f"task:{task}"] = figures.get("acc")
+        rows.append(row)
+    return rows
+
+
+def _cell(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    headers = {
+        "variant": "variant",
+        "gini": "Gini",
+        "min_max": "min/max",
+        "cv": "CV",
+        "soft_gini": "soft Gini",
+        "overflow_1x": "overflow @1.0×",
+        "ep_8": "EP bal. (8 dev.)",
+        "cross_entropy": "CE",
+        "delta_ce_pct": "Δ CE %",
+        "perplexity": "perplexity",
+        "topk_agreement": "top-k agreement",
+    }
+    tasks = [key for key in rows[0] if key.startswith("task:")] if rows else []
+    columns = list(headers) + tasks
+    titles = [headers.get(c, f"{c.removeprefix('task:')} acc") for c in columns]
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for c in columns:
+            digits = 2 if c in ("delta_ce_pct", "perplexity") else (4 if c == "cross_entropy" else 3)
+            text = _cell(row.get(c), digits)
+            cells.append(f"{'+' if c == 'delta_ce_pct' and row[c] > 0 else ''}{text}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """report.md: what was measured, the summary table, the comparison at equal balance, the winner."""
+    held = report["heldout"]
+    parts = [
+        f"# Validation report — {report['run']}",
+        "",
+        f"Model `{report['model']}`; {held['sequences']} held-out sequences ({held['tokens']:,} tokens) from "
+        f"documents never dumped, clustered, distilled or calibrated on. Figures are means over "
+        f"{report['layers']} MoE layers (per-layer figures in report.json).",
+        "",
+        markdown_table(report["summary"]),
+        "",
+        report["winner"]["sentence"],
+    ]
+    comparison = report.get("comparison")
+    if comparison:
+        bias = comparison["bias_delta_ce_pct_at_same_gini"]
+        line = (
+            f"At LPR's balance (mean Gini {comparison['lpr_gini']:.3f}, min/max {comparison['lpr_min_max']:.2f}) "
+            f"LPR costs {comparison['lpr_delta_ce_pct']:+.2f} % held-out CE"
+        )
+        if bias is None:
+            line += f"; {comparison.get('note', 'the bias baseline has no point there')}."
+        else:
+            line += f"; the bias baseline at the same Gini costs {bias:+.2f} % (interpolated over its strength)."
+            if comparison["ratio"] is not None:
+                line += f" LPR's increase is {comparison['ratio']:.2f}× the baseline's."
+        parts += ["", line]
+    parts += [
+        "",
+        "Columns: Gini, min/max and CV of top-k slots per expert; soft Gini of routing-weight mass; overflow = share "
+        "of slots over a capacity of 1.0× the mean load per batch; EP bal. = mean/max device load with the experts "
+        "split evenly over 8 devices; top-k agreement with the original gate on the same router input.",
+        "",
+        "![expert load](load_heatmap.png)",
+        "",
+        "![Gini per layer](gini_per_layer.png)",
+        "",
+        "![frontier](frontier.png)",
+        "",
+    ]
+    return "\n".join(parts)

@@ -1,0 +1,184 @@
+"""The validate stage on a tiny real run: every variant, every metric, the report files, the errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+
+import pytest
+
+from pipeline.config import DistillConfig, build_config
+from pipeline.distill import run_distill
+from pipeline.errors import LprError
+from pipeline.heldout import heldout_sequences, measure
+from pipeline.models import find_routers, load_model
+from pipeline.report import interpolate_ce, pick_winner
+from pipeline.validate import run_validate
+from pipeline.variants import VARIANTS, VariantSwitcher, check_fit
+from storage.report import read_report
+from storage.rundir import RunDir
+from tests.conftest import clustered_run, save_tiny_moe, tiny_run_config
+
+VALIDATE = {"sequences": 12, "batch_size": 4, "tasks": [], "bias_strengths": [0.0, 0.5, 1.0]}
+DISTILL = {"steps": 30, "batch_rows": 128, "buffer_rows": 1024, "eval_every": 10, "val_rows": 512}
+# the model-level phase and in-model calibration, kept tiny (keys present only where distill has them)
+MODEL_LEVEL = {
+    "model_steps": 6,
+    "model_batch_sequences": 2,
+    "model_val_sequences": 4,
+    "model_eval_every": 3,
+    "calibration_sequences": 16,
+}
+DISTILL |= {key: value for key, value in MODEL_LEVEL.items() if key in DistillConfig.model_fields}
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory, tiny_model, tiny_corpus):
+    path = tmp_path_factory.mktemp("validate") / "run"
+    cfg, run = clustered_run(path, tiny_model, tiny_corpus, distill=DISTILL, validate=VALIDATE)
+    run_distill(cfg=cfg, run=run)
+    return cfg, run
+
+
+@pytest.fixture(scope="module")
+def validated(distilled):
+    cfg, run = distilled
+    return cfg, run, run_validate(cfg=cfg, run=run)
+
+
+def png_size(blob: bytes) -> tuple[int, int]:
+    assert blob[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", blob[16:24])
+
+
+@pytest.mark.slow
+def test_report_holds_every_variant_and_metric(validated):
+    cfg, run, manifest = validated
+    assert run.is_complete("validate")
+    report = read_report(run)
+    assert list(report["variants"]) == ["original", "original+bias", "lpr-init", "lpr"]
+    for result in report["variants"].values():
+        assert result["cross_entropy"] > 0 and result["perplexity"] == pytest.approx(
+            2.718281828 ** result["cross_entropy"]
+        )
+        assert result["tokens"] == 12 * cfg.corpus.seq_len
+        assert len(result["layers"]) == 2
+        for layer in result["layers"]:
+            for kind in ("slot", "soft"):
+                assert set(layer[kind]) == {"gini", "min_max", "cv", "busiest_share", "idle_experts"}
+            assert set(layer["overflow"]) == {"1x", "1.25x"}
+            assert set(layer["ep_balancedness"]) == {"2", "4", "8"}
+            assert layer["ep_balancedness"]["8"] is None  # 4 experts do not split over 8 devices
+            assert sum(layer["slot_load"]) == 12 * cfg.corpus.seq_len * 2  # every token's top-2 slots
+            assert 0 <= layer["topk_agreement"] <= 1
+        mean = result["mean"]
+        assert mean["slot"]["gini"] == pytest.approx(sum(layer["slot"]["gini"] for layer in result["layers"]) / 2)
+        assert "8" not in mean["ep_balancedness"]
+    assert report["variants"]["original"]["mean"]["topk_agreement"] == 1.0
+    # a balancing variant is more even than the untrained gate on held-out text
+    original = report["variants"]["original"]["mean"]["slot"]["gini"]
+    assert report["variants"]["original+bias"]["mean"]["slot"]["gini"] < original
+    assert [p["strength"] for p in report["bias_curve"]] == [0.0, 0.5, 1.0]
+    # strength 0 is the original gate, strength 1 the original+bias variant: same held-out figures
+    assert report["bias_curve"][0]["cross_entropy"] == pytest.approx(report["variants"]["original"]["cross_entropy"])
+    assert report["bias_curve"][-1]["gini"] == pytest.approx(
+        report["variants"]["original+bias"]["mean"]["slot"]["gini"]
+    )
+    assert report["winner"]["name"] in report["variants"]
+    assert manifest.stats["winner"] == report["winner"]
+
+
+@pytest.mark.slow
+def test_report_files(validated):
+    _, run, _ = validated
+    directory = run.output_path("validate")
+    names = set(run.fs.ls(directory, detail=False))
+    for name in ("report.json", "report.md", "load_heatmap.png", "gini_per_layer.png", "frontier.png"):
+        assert f"{directory}/{name}" in names
+    for name in ("load_heatmap.png", "gini_per_layer.png", "frontier.png"):
+        with run.fs.open(f"{directory}/{name}", "rb") as handle:
+            width, height = png_size(handle.read())
+        assert width > 300 and height > 200
+    text = run.read_text(f"{directory}/report.md")
+    for variant in ("original", "original+bias", "lpr-init", "lpr"):
+        assert f"| {variant} |" in text
+    assert "Winner (" in text
+    json.loads(run.read_text(f"{directory}/report.json"))  # strict JSON (no NaN)
+
+
+@pytest.mark.slow
+def test_rerun_is_skipped(validated):
+    cfg, run, _ = validated
+    assert run_validate(cfg=cfg, run=run).skipped
+
+
+@pytest.mark.slow
+def test_variant_switcher_restores_the_original_gates(distilled):
+    cfg, run = distilled
+    model, tokenizer = load_model(cfg.model, cfg.model.path)
+    ids = heldout_sequences(cfg, tokenizer, 4)
+    switcher = VariantSwitcher(model)
+    before = measure(model, ids, cfg=cfg)
+    switcher.apply("lpr", cfg, run)
+    assert all(type(site.module).__name__.startswith("Lpr") for site in find_routers(model))
+    switcher.restore()
+    after = measure(model, ids, cfg=cfg)
+    assert after["cross_entropy"] == before["cross_entropy"]
+    assert [site.module for site in find_routers(model)] == list(switcher.originals.values())
+
+
+def test_heldout_sequences_are_from_heldout_documents(tiny_model, tiny_corpus):
+    from pipeline.corpus import is_heldout, iter_documents
+
+    cfg = build_config(tiny_run_config(tiny_model, tiny_corpus))
+    _, tokenizer = load_model(cfg.model, cfg.model.path)
+    ids = heldout_sequences(cfg, tokenizer, 3)
+    assert ids.shape == (3, cfg.corpus.seq_len)
+    held = {d.text.split(":")[0] for _, d in iter_documents(cfg.corpus) if is_heldout(d.name, 0.1)}
+    seen = set(re.findall(r"document \d+", "".join(tokenizer.decode(row) for row in ids)))
+    assert seen and seen <= held  # every document the sequences show is a held-out one
+
+
+def test_missing_stage_is_a_one_line_error(tmp_path, tiny_model, tiny_corpus):
+    cfg = build_config(tiny_run_config(tiny_model, tiny_corpus) | {"validate": VALIDATE})
+    with pytest.raises(LprError, match="no complete dump"):
+        run_validate(cfg=cfg, run=RunDir(str(tmp_path / "empty")))
+
+
+@pytest.mark.slow
+def test_variant_needing_an_absent_stage_and_unknown_variants(tmp_path, tiny_model, tiny_corpus):
+    cfg, run = clustered_run(tmp_path / "run", tiny_model, tiny_corpus, validate=VALIDATE)
+    with pytest.raises(LprError, match="no complete distill stage") as err:
+        run_validate(cfg=cfg, run=run)
+    assert "\n" not in str(err.value)
+    cfg.validate.variants = ["original", "lpr-magic"]
+    with pytest.raises(LprError, match=r"unknown routing variant.*'lpr-magic'"):
+        run_validate(cfg=cfg, run=run)
+
+
+@pytest.mark.slow
+def test_routers_that_do_not_fit_the_model(distilled, tmp_path):
+    cfg, run = distilled
+    other = save_tiny_moe(tmp_path / "three-layers", num_layers=3)
+    model, _ = load_model(cfg.model, str(other))
+    routers = VARIANTS["lpr"].build(cfg, run, model).routers
+    with pytest.raises(LprError, match="the lpr routers do not fit the model"):
+        check_fit("lpr", model, routers)
+    bad = build_config(cfg.model_dump() | {"model": {"path": str(other)}})
+    with pytest.raises(LprError, match=r"do not fit the model|MoE layers"):
+        run_validate(cfg=bad, run=run, force=True)
+
+
+def test_winner_and_interpolation():
+    def result(ce: float, gini: float) -> dict:
+        return {"cross_entropy": ce, "mean": {"slot": {"gini": gini}}}
+
+    variants = {"original": result(3.9, 0.3), "original+bias": result(3.95, 0.05), "lpr": result(3.99, 0.05)}
+    winner = pick_winner(variants, max_gini=0.1)
+    assert winner["name"] == "original+bias" and winner["is_baseline"] and "A baseline wins" in winner["sentence"]
+    assert pick_winner(variants | {"lpr": result(3.92, 0.04)}, max_gini=0.1)["name"] == "lpr"
+    assert pick_winner(variants, max_gini=0.01)["name"] in ("original+bias", "lpr")  # none eligible: most balanced
+    curve = [{"gini": 0.3, "cross_entropy": 3.9}, {"gini": 0.1, "cross_entropy": 4.0}]
+    assert interpolate_ce(curve, 0.2) == pytest.approx(3.95)
+    assert interpolate_ce(curve, 0.05) is None
