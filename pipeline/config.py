@@ -140,6 +140,20 @@ class DemoConfig(_Section):
         return self
 
 
+class FlowConfig(_Section):
+    """The orchestrated run (``flows/``, `lpr-distill serve`/`deploy`): where per-layer tasks run, retries.
+
+    No stage's fingerprint covers this section: where work runs never changes what it produces.
+    """
+
+    task_runner: Literal["threads", "dask"] = "threads"  # dask: needs the `dask` extra
+    max_workers: int = Field(1, ge=1)  # threads: per-layer tasks at once (1: one after the other)
+    dask_address: str | None = None  # an existing Dask scheduler, e.g. tcp://10.0.0.5:8786; null: a LocalCluster
+    dask_workers: int = Field(2, ge=1)  # LocalCluster worker processes (one per-layer task each at a time)
+    retries: int = Field(2, ge=0)  # retries of tasks that touch storage (the run directory, the states store)
+    retry_delay_seconds: float = Field(10.0, ge=0)
+
+
 # The ``validate`` section is named after its stage; it shadows pydantic's deprecated ``BaseModel.validate``.
 warnings.filterwarnings("ignore", message='Field name "validate" in "RunConfig" shadows', category=UserWarning)
 
