@@ -170,6 +170,7 @@ class RunConfig(_Section):
     distill: DistillConfig = DistillConfig()
     validate: ValidateConfig = ValidateConfig()
     demo: DemoConfig = DemoConfig()
+    flow: FlowConfig = FlowConfig()
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
