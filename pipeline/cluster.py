@@ -151,18 +151,24 @@ def cluster_layer(*, cfg: RunConfig, run: RunDir, layer: str, fp: str) -> dict[s
     return meta
 
 
-def run_cluster(*, cfg: RunConfig, run: RunDir, force: bool = False, layers: list[str] | None = None) -> Manifest:
-    """Write ``prototypes/`` for every MoE layer. ``layers``: redo only these (the rest is reused when up to date)."""
+def cluster_identity(cfg: RunConfig, run: RunDir) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """(config, inputs, fingerprint) of a cluster run over this run's dump: what the manifest and every
+    layer file carry, so a flow that fans layers out passes ``cluster_layer`` the same fingerprint."""
     dump = run.read_manifest("dump")
     if dump is None or not run.is_complete("dump"):
         raise LprError(f"no complete states store in {run.url}", "run `lpr-distill dump RUN_DIR` first")
+    config = {"seed": cfg.seed, **cfg.section("cluster")}
+    inputs = {"states": dump.fingerprint}
+    return config, inputs, fingerprint(config, inputs)
+
+
+def run_cluster(*, cfg: RunConfig, run: RunDir, force: bool = False, layers: list[str] | None = None) -> Manifest:
+    """Write ``prototypes/`` for every MoE layer. ``layers``: redo only these (the rest is reused when up to date)."""
+    config, inputs, fp = cluster_identity(cfg, run)
     started = time.time()
     reader = StatesReader(run.url_of(run.output_path("dump")), run.storage_options)
     check_cluster_inputs(cfg, reader)
     redo = set(resolve_layers(reader, layers)) if force else set()
-    config = {"seed": cfg.seed, **cfg.section("cluster")}
-    inputs = {"states": dump.fingerprint}
-    fp = fingerprint(config, inputs)
     if (done := previous_run(run, STAGE, fp, force=force)) is not None:
         return done.model_copy(update={"skipped": True})
 
