@@ -7,6 +7,7 @@ which need their datasets on the machine). Needs the ``eval`` extra (``pip insta
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -43,6 +44,14 @@ def local_tasks() -> dict[str, dict[str, Any]]:
     return configs
 
 
+@functools.lru_cache(maxsize=1)
+def _task_manager() -> Any:
+    """lm-eval's index of its tasks (built once per process: it reads every task YAML, seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(verbosity="ERROR")
+
+
 def _task_list(names: list[str], manager: Any) -> list[str | dict[str, Any]]:
     shipped = local_tasks()
     known = set(manager.all_tasks)
@@ -66,11 +75,10 @@ def evaluate_tasks(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     for name in ("lm-eval", "lm_eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    manager = TaskManager(verbosity="ERROR")
+    manager = _task_manager()
     tasks = _task_list(names, manager)
     device = str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, max_length=max_length)

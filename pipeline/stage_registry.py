@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pipeline.cluster import run_cluster
 from pipeline.distill import run_distill
 from pipeline.dump import run_dump
+from pipeline.validate import run_validate
 from storage.rundir import Manifest
 
 StageFunction = Callable[..., Manifest]  # run_<stage>(*, cfg: RunConfig, run: RunDir, force: bool) -> Manifest
@@ -15,4 +16,5 @@ STAGE_FUNCTIONS: dict[str, StageFunction] = {
     "dump": run_dump,
     "cluster": run_cluster,
     "distill": run_distill,
+    "validate": run_validate,
 }

@@ -7,6 +7,7 @@ import re
 import struct
 
 import pytest
+import torch
 
 from pipeline.config import DistillConfig, build_config
 from pipeline.distill import run_distill
@@ -182,3 +183,52 @@ def test_winner_and_interpolation():
     curve = [{"gini": 0.3, "cross_entropy": 3.9}, {"gini": 0.1, "cross_entropy": 4.0}]
     assert interpolate_ce(curve, 0.2) == pytest.approx(3.95)
     assert interpolate_ce(curve, 0.05) is None
+
+
+def choice_loglikelihoods(model, tokenizer, context: str, choices: list[str], max_length: int) -> list[float]:
+    """Sum of log-probabilities of each choice after the context, tokenised and truncated (last
+    ``max_length`` inputs) the way lm-eval does it."""
+    context_ids = tokenizer(context, add_special_tokens=False).input_ids
+    scores = []
+    for choice in choices:
+        whole = tokenizer(context + choice, add_special_tokens=False).input_ids
+        n = len(whole) - len(context_ids)  # continuation tokens
+        window = whole[-(max_length + 1) :]
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([window[:-1]])).logits[0].float(), dim=-1)
+        targets = torch.tensor(window[-n:])
+        scores.append(float(logprobs[torch.arange(len(window) - 1 - n, len(window) - 1), targets].sum()))
+    return scores
+
+
+@pytest.mark.slow
+def test_local_task_runs_through_lm_eval(distilled):
+    """The shipped task through the real harness, on the in-memory model with LPR routers in place:
+    lm-eval's accuracy equals our own scoring of the same items with the same model."""
+    from pipeline.downstream import evaluate_tasks, local_tasks
+
+    cfg, run = distilled
+    model, tokenizer = load_model(cfg.model, cfg.model.path)
+    VariantSwitcher(model).apply("lpr", cfg, run)
+    limit = 24
+    results = evaluate_tasks(model, tokenizer, ["lpr_demo_cloze"], batch_size=8, limit=limit, max_length=256)
+    task = results["lpr_demo_cloze"]
+    assert task["samples"] == limit and 0 <= task["acc"] <= 1 and task["acc_stderr"] > 0
+    data = local_tasks()["lpr_demo_cloze"]["dataset_kwargs"]["data_files"]["test"]
+    with open(data, encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle.readlines()[:limit]]
+    ours = []
+    for row in rows:
+        scores = choice_loglikelihoods(model, tokenizer, row["context"], row["choices"], max_length=256)
+        ours.append(max(range(4), key=scores.__getitem__) == row["label"])
+    assert abs(sum(ours) - task["acc"] * limit) <= 1, (sum(ours), task["acc"] * limit)
+
+
+@pytest.mark.slow
+def test_unknown_lm_eval_task_is_a_one_line_error(distilled):
+    from pipeline.downstream import evaluate_tasks
+
+    cfg, _ = distilled
+    model, tokenizer = load_model(cfg.model, cfg.model.path)
+    with pytest.raises(LprError, match="lm-eval knows no task 'no_such_task'"):
+        evaluate_tasks(model, tokenizer, ["no_such_task"], batch_size=4, limit=2, max_length=64)
