@@ -163,6 +163,60 @@ def distill(
 
 
 @app.command()
+def validate(
+    run_dir: Annotated[str, typer.Argument(help="Run directory with dump, cluster and distill done.")],
+    variants: Annotated[
+        str | None, typer.Option(help="Comma-separated variants (default: original,original+bias,lpr-init,lpr).")
+    ] = None,
+    tasks: Annotated[
+        str | None, typer.Option(help="Comma-separated lm-eval tasks ('' for none; default: lpr_demo_cloze).")
+    ] = None,
+    sequences: Annotated[int | None, typer.Option(help="Held-out sequences for loss and load.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Every routing variant in the model, on held-out text and lm-eval tasks → RUN_DIR/report."""
+    run = RunDir(run_dir)
+    flags = {
+        "validate.variants": _names(variants),
+        "validate.tasks": _names(tasks),
+        "validate.sequences": sequences,
+    }
+    cfg = resolve_config(run=run, config=config, sets=set_, flags=flags)
+    _run_stages(["validate"], run=run, cfg=cfg, force=force)
+    print_report(run)
+
+
+def _names(text: str | None) -> list[str] | None:
+    return None if text is None else [name.strip() for name in text.split(",") if name.strip()]
+
+
+def print_report(run: RunDir) -> None:
+    """The report's summary table and path (after validate, and at the end of the demo)."""
+    from storage.report import read_report
+
+    report = read_report(run)
+    if report is None:
+        return
+    rows = report["summary"]
+    table = Table(title="validation (held-out, means over layers)")
+    tasks = [key for key in rows[0] if key.startswith("task:")]
+    columns = ["variant", "Gini", "min/max", "CV", "CE", "Δ CE", "perplexity", "agreement"]
+    for column in columns + [f"{t.removeprefix('task:')} acc" for t in tasks]:
+        table.add_column(column, justify="right")
+    for row in rows:
+        cells = [row["variant"], f"{row['gini']:.3f}", f"{row['min_max']:.2f}", f"{row['cv']:.3f}"]
+        cells += [f"{row['cross_entropy']:.4f}", f"{row['delta_ce_pct']:+.2f} %", f"{row['perplexity']:.1f}"]
+        cells += [f"{row['topk_agreement']:.1%}"]
+        cells += ["—" if row[t] is None else f"{row[t]:.3f}" for t in tasks]
+        table.add_row(*cells)
+    out.print(table)
+    out.print(report["winner"]["sentence"].replace("**", ""), highlight=False)
+    out.print(f"report: {run.url_of(run.output_path('validate'))}/report.md", highlight=False)
+
+
+@app.command()
 def export(
     run_dir: Annotated[str, typer.Argument(help="Run directory.")],
     out_dir: Annotated[
@@ -217,6 +271,7 @@ def demo(
     flags = {"model.path": "demo", "corpus.source": "demo", "demo.variant": "collapsed" if collapsed else None}
     cfg = resolve_config(run=run, config=config, sets=set_, flags=flags)
     _run_stages(list(STAGE_FUNCTIONS), run=run, cfg=cfg, force=force)
+    print_report(run)
     out.print(f"run directory: {run.url} — see `lpr-distill status {run.url}`")
 
 
