@@ -146,16 +146,29 @@ def distill_layer(
     return {"best": best, "history": history}
 
 
-def run_distill(*, cfg: RunConfig, run: RunDir, force: bool = False) -> Manifest:
-    """Write ``routers/``: one distilled, bias-calibrated LPR router per MoE layer."""
+def distill_identity(cfg: RunConfig, run: RunDir) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """(config, inputs, fingerprint) of a distill run over this run's prototypes: what the manifest and
+    every layer file carry, so a flow that fans layers out passes ``distill_one`` the same fingerprint."""
     cluster = run.read_manifest("cluster")
     if cluster is None or not run.is_complete("cluster"):
         raise LprError(f"no complete prototypes in {run.url}", "run `lpr-distill cluster RUN_DIR` first")
-    started = time.time()
-    model_config = load_config(cfg.model, resolve_model_path(cfg))
     config = {"seed": cfg.seed, **cfg.section("router", "distill")}
     inputs = {"prototypes": cluster.fingerprint}
-    fp = fingerprint(config, inputs)
+    return config, inputs, fingerprint(config, inputs)
+
+
+def finished_layer(run: RunDir, layer: str, fp: str) -> dict[str, Any] | None:
+    """The summary of a layer's router already written in this attempt with this fingerprint (what
+    ``run_distill`` reuses), or None. A flow's per-layer task checks it before ``distill_one``."""
+    done = read_layer_meta(run, run.partial_path(STAGE), layer)
+    return done["summary"] if done is not None and done.get("fingerprint") == fp else None
+
+
+def run_distill(*, cfg: RunConfig, run: RunDir, force: bool = False) -> Manifest:
+    """Write ``routers/``: one distilled, bias-calibrated LPR router per MoE layer."""
+    config, inputs, fp = distill_identity(cfg, run)
+    started = time.time()
+    model_config = load_config(cfg.model, resolve_model_path(cfg))
     if (done := previous_run(run, STAGE, fp, force=force)) is not None:
         return done.model_copy(update={"skipped": True})
     reader = StatesReader(run.url_of(run.output_path("dump")), run.storage_options)
