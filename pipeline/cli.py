@@ -217,6 +217,40 @@ def print_report(run: RunDir) -> None:
 
 
 @app.command()
+def sweep(
+    run_dir: Annotated[str, typer.Argument(help="Run directory with dump and cluster done.")],
+    balance: Annotated[
+        str | None, typer.Option(help="Comma-separated distill.balance settings (default: validate.sweep_balance).")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Distil at each balance setting (RUN_DIR/sweep/balance_B) and plot held-out loss against Gini."""
+    from pipeline.sweep import run_sweep
+
+    run = RunDir(run_dir)
+    cfg = resolve_config(run=run, config=config, sets=set_)
+    try:
+        balances = [float(b) for b in _names(balance)] if balance is not None else cfg.validate.sweep_balance
+    except ValueError:
+        raise LprError(
+            f"--balance {balance!r} is not a comma-separated list of numbers", "e.g. --balance 0,0.5,1"
+        ) from None
+    results = run_sweep(cfg=cfg, run=run, balances=balances, force=force)
+    table = Table(title="quality/balance frontier (held-out, means over layers)")
+    for column in ("curve", "setting", "Gini", "min/max", "CE", "agreement"):
+        table.add_column(column, justify="right")
+    rows = [("lpr (balance)", p) for p in results["lpr"]] + [("bias (strength)", p) for p in results["bias"]]
+    rows += [(name, p | {"label": ""}) for name, p in results["points"].items()]
+    for curve, p in rows:
+        cells = [f"{p['gini']:.3f}", f"{p['min_max']:.2f}", f"{p['cross_entropy']:.4f}", f"{p['topk_agreement']:.1%}"]
+        table.add_row(curve, p["label"], *cells)
+    out.print(table)
+    out.print(f"frontier: {run.url_of(run.path('sweep'))}/frontier.png", highlight=False)
+
+
+@app.command()
 def export(
     run_dir: Annotated[str, typer.Argument(help="Run directory.")],
     out_dir: Annotated[

@@ -232,3 +232,28 @@ def test_unknown_lm_eval_task_is_a_one_line_error(distilled):
     model, tokenizer = load_model(cfg.model, cfg.model.path)
     with pytest.raises(LprError, match="lm-eval knows no task 'no_such_task'"):
         evaluate_tasks(model, tokenizer, ["no_such_task"], batch_size=4, limit=2, max_length=64)
+
+
+@pytest.mark.slow
+def test_sweep_distils_each_setting_apart_and_feeds_the_report(distilled):
+    from pipeline.sweep import run_sweep, setting_run
+
+    cfg, run = distilled
+    before = {stage: run.read_manifest(stage).fingerprint for stage in ("dump", "cluster", "distill")}
+    results = run_sweep(cfg=cfg, run=run, balances=[0.0, 1.0])
+    assert [p["balance"] for p in results["lpr"]] == [0.0, 1.0]
+    assert [p["strength"] for p in results["bias"]] == cfg.validate.bias_strengths
+    assert set(results["points"]) == {"original", "lpr-init", "lpr"}
+    for balance in (0.0, 1.0):
+        sub = setting_run(run, balance)
+        assert sub.is_complete("distill") and sub.read_manifest("distill").config["distill"]["balance"] == balance
+        assert run.fs.exists(sub.path("routers")) and not run.fs.exists(sub.path("states.zarr"))
+    # the parent's stages are untouched, and a second sweep reuses the settings' routers
+    assert {stage: run.read_manifest(stage).fingerprint for stage in before} == before
+    assert run_sweep(cfg=cfg, run=run, balances=[0.0, 1.0])["lpr"] == results["lpr"]
+    with run.fs.open(run.path("sweep", "frontier.png"), "rb") as handle:
+        assert png_size(handle.read())[0] > 300
+    # the report now carries LPR's curve, and validate is redone (its inputs changed)
+    manifest = run_validate(cfg=cfg, run=run)
+    assert not manifest.skipped
+    assert [p["balance"] for p in read_report(run)["lpr_sweep"]] == [0.0, 1.0]
