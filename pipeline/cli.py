@@ -290,6 +290,53 @@ def run_all(
     out.print(f"run directory: {run.url}")
 
 
+ScheduleOpts = {
+    "cron": typer.Option(help='Cron schedule, e.g. "0 3 * * *" (nightly at 03:00 UTC).'),
+    "interval": typer.Option(help="Or: run every this many seconds."),
+    "name": typer.Option(help="Deployment name (the flow is lpr-distill)."),
+}
+
+
+@app.command()
+def deploy(
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML run config: the deployment's parameters.")],
+    run_dir: Annotated[str | None, typer.Option(help="Run directory (default: runs/<config name>).")] = None,
+    cron: Annotated[str | None, ScheduleOpts["cron"]] = None,
+    interval: Annotated[float | None, ScheduleOpts["interval"]] = None,
+    name: Annotated[str, ScheduleOpts["name"]] = "lpr-distill",
+    pool: Annotated[str, typer.Option(help="Process work pool (created if missing) whose worker runs it.")] = (
+        "lpr-distill"
+    ),
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Create or update a scheduled deployment of the lpr-distill flow on the server at PREFECT_API_URL."""
+    from flows.deploy import deploy as deploy_flow
+
+    run = RunDir(run_dir or f"runs/{config.stem}")
+    cfg = resolve_config(run=None, config=config, sets=set_)
+    deployment = deploy_flow(cfg, run.url, name=name, pool=pool, cron=cron, interval=interval, force=force)
+    out.print(f"deployment lpr-distill/{name} ({deployment}) in work pool '{pool}'", highlight=False)
+
+
+@app.command()
+def serve(
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML run config: the deployment's parameters.")],
+    run_dir: Annotated[str | None, typer.Option(help="Run directory (default: runs/<config name>).")] = None,
+    cron: Annotated[str | None, ScheduleOpts["cron"]] = None,
+    interval: Annotated[float | None, ScheduleOpts["interval"]] = None,
+    name: Annotated[str, ScheduleOpts["name"]] = "lpr-distill",
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Create or update the deployment and run its scheduled and triggered runs here until stopped."""
+    from flows.deploy import serve as serve_flow
+
+    run = RunDir(run_dir or f"runs/{config.stem}")
+    cfg = resolve_config(run=None, config=config, sets=set_)
+    serve_flow(cfg, run.url, name=name, cron=cron, interval=interval, force=force)
+
+
 @app.command()
 def demo(
     run_dir: Annotated[str, typer.Option(help="Run directory.")] = "runs/demo",
