@@ -1,0 +1,88 @@
+"""The ``lpr_distill`` flow: every registered stage in order, per-layer stages fanned out by layer.
+
+Stages come from ``pipeline.stage_registry.STAGE_FUNCTIONS`` (the CLI's list, so a stage added
+there is in the flow). A per-layer stage (``flows/layer_stages.py``) runs as plan → one task per
+layer on the configured task runner (threads or Dask) → commit by its own ``run_<stage>``; every
+other stage is one task. Skip and force follow the manifests: a rerun with nothing new skips every
+stage and creates no layer tasks.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Any
+
+from prefect import flow, unmapped
+from prefect.futures import wait
+from prefect.logging import get_run_logger
+from prefect.task_runners import TaskRunner
+
+from flows import tasks
+from flows.artifacts import publish
+from flows.layer_stages import LAYER_STAGES
+from flows.runners import task_runner
+from pipeline.config import RunConfig, build_config
+from pipeline.stage_registry import STAGE_FUNCTIONS
+
+
+@flow(name="lpr-distill", flow_run_name="lpr-distill {run_dir}", log_prints=True)
+def lpr_distill(
+    config: dict[str, Any],
+    run_dir: str,
+    force: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Run every stage into ``run_dir`` (a path or an fsspec URL) with the run config ``config``
+    (the sections of a run.yaml). Returns per stage: skipped or not, seconds, stats."""
+    cfg = build_config(config, origin="flow parameter 'config'")
+    retry = {"retries": cfg.flow.retries, "retry_delay_seconds": cfg.flow.retry_delay_seconds}
+    common = {"cfg": cfg, "run_dir": run_dir, "storage_options": storage_options}
+    tasks.prepare_task.with_options(**retry)(**common)
+    results: dict[str, dict[str, Any]] = {}
+    with ExitStack() as stack:
+        runner: TaskRunner | None = None
+        for stage in STAGE_FUNCTIONS:
+            if stage not in LAYER_STAGES:
+                results[stage] = tasks.stage_task.with_options(**retry)(stage=stage, force=force, **common)
+                continue
+            plan = tasks.plan_task.with_options(**retry)(stage=stage, force=force, **common)
+            if plan["skip"]:
+                results[stage] = {"stage": stage, "skipped": True, "finished_at": "", "seconds": 0.0, "stats": {}}
+                results[stage] |= _manifest_outcome(stage, common)
+                continue
+            if runner is None:  # started only when a layer has work: a skipped rerun starts no cluster
+                runner = stack.enter_context(task_runner(cfg.flow))
+            futures = runner.map(
+                tasks.layer_task.with_options(**retry),
+                {
+                    "stage": unmapped(stage),
+                    "layer": plan["layers"],
+                    "fingerprint": unmapped(plan["fingerprint"]),
+                    "cfg": unmapped(cfg),
+                    "run_dir": unmapped(run_dir),
+                    "storage_options": unmapped(storage_options),
+                    "force": unmapped(force),
+                },
+            )
+            wait(futures)  # every layer finishes (or fails) before anything raises: finished layers are kept
+            layer_results = [future.result() for future in futures]
+            results[stage] = tasks.commit_task.with_options(**retry)(stage=stage, **common)
+            results[stage]["layer_results"] = layer_results
+    publish(tasks.open_run(run_dir, storage_options), results)
+    ran = [stage for stage, result in results.items() if not result["skipped"]]
+    get_run_logger().info(f"stages run: {', '.join(ran)}" if ran else "nothing new: every stage skipped")
+    return results
+
+
+def _manifest_outcome(stage: str, common: dict[str, Any]) -> dict[str, Any]:
+    """A skipped per-layer stage reports its existing manifest's figures (for the artifacts)."""
+    run = tasks.open_run(common["run_dir"], common["storage_options"])
+    manifest = run.read_manifest(stage)
+    return {} if manifest is None else {"finished_at": manifest.finished_at, "stats": manifest.stats}
+
+
+def run_flow(
+    cfg: RunConfig, run_dir: str, *, force: bool = False, storage_options: dict[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Run the flow in this process (what tests and scripts call; deployments run ``lpr_distill``)."""
+    return lpr_distill(cfg.model_dump(mode="json"), run_dir, force=force, storage_options=storage_options)
