@@ -88,6 +88,16 @@ class DistillConfig(_Section):
     heldout_share: float = Field(0.05, gt=0, lt=1)  # chunks kept out of training for early stopping
     val_rows: int = Field(16_384, ge=16)
     eval_every: int = Field(50, ge=1)
+    # model-level phase (the whole model, routers trainable, KL to the original model's next-token
+    # distribution + per-sequence balance); token budget = model_steps · model_batch_sequences · corpus.seq_len
+    model_steps: int = Field(300, ge=0)  # 0 turns the model-level phase off
+    model_batch_sequences: int = Field(8, ge=1)
+    model_lr: float = Field(2e-3, gt=0)
+    model_balance: float = Field(0.5, ge=0)  # weight of the per-sequence balance term
+    model_val_sequences: int = Field(32, ge=1)  # training-side sequences kept out for early stopping
+    model_eval_every: int = Field(50, ge=1)
+    # the final choice-bias calibration in the model (training-side documents, never the held-out ones)
+    calibration_sequences: int = Field(256, ge=1)
 
 
 class ValidateConfig(_Section):

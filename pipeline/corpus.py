@@ -229,3 +229,23 @@ def iter_packed(
                     return
     if ids_buf:
         yield PackedSequence(np.asarray(ids_buf, np.int64), np.asarray(doc_buf, np.int64))
+
+
+def sample_sequences(
+    cfg: CorpusConfig, tokenizer, *, count: int, seed: int, split: Literal["train", "heldout"] = "train"
+) -> np.ndarray:
+    """``count`` full sequences (count, seq_len) int64 drawn at random from one side of the split.
+
+    In random order. The pool is the first ``4 · count`` full sequences of that side (bounded work on
+    a huge corpus), so the draw spans many documents; raises when the corpus has fewer than ``count``.
+    """
+    docs = split_documents(iter_documents(cfg), split=split, heldout_fraction=cfg.heldout_fraction)
+    packed = iter_packed(docs, tokenizer=tokenizer, seq_len=cfg.seq_len, max_tokens=None)
+    pool = [s.ids for s in itertools.islice(packed, 4 * count) if len(s.ids) == cfg.seq_len]
+    if len(pool) < count:
+        raise LprError(
+            f"the corpus has {len(pool)} full {split} sequences of {cfg.seq_len} tokens, {count} are needed",
+            "use a larger corpus, a shorter corpus.seq_len, or fewer distill.model_* / calibration sequences",
+        )
+    picked = np.random.default_rng(seed).choice(len(pool), size=count, replace=False)
+    return np.stack([pool[i] for i in picked])

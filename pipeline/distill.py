@@ -22,15 +22,17 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import RunConfig
+from pipeline.corpus import sample_sequences
 from pipeline.errors import LprError
 from pipeline.init_routers import calibrate_bias, encode_rows, initial_router
 from pipeline.metrics import expert_load, gini
-from pipeline.models import load_config, resolve_model_path
+from pipeline.models import load_config, load_model, resolve_model_path
 from pipeline.progress import info, progress_bar
-from pipeline.router import LatentPrototypeRouter
+from pipeline.replace import install_routers
+from pipeline.router import LatentPrototypeRouter, RouterSpec
 from pipeline.stages import build_manifest, previous_run
 from storage.layer_files import read_layer_meta
-from storage.routers_store import write_layer_router
+from storage.routers_store import read_layer_router, write_layer_router
 from storage.rundir import Manifest, RunDir, fingerprint
 from storage.states import StatesReader
 
@@ -38,13 +40,13 @@ STAGE = "distill"
 
 
 def sinkhorn_balance(probs: torch.Tensor, iterations: int) -> torch.Tensor:
-    """probs (B, E), rows summing to 1 → the nearest (in KL) matrix with rows summing to 1 and every
-    column summing to B/E: the teacher's routing with every expert equally loaded."""
+    """probs (..., B, E), rows summing to 1 → the nearest (in KL) matrices with rows summing to 1 and
+    every column summing to B/E: the routing with every expert equally loaded (per leading index)."""
     p = probs.clamp_min(1e-12)
-    column_target = p.shape[0] / p.shape[1]
+    column_target = p.shape[-2] / p.shape[-1]
     for _ in range(iterations):
-        p = p * (column_target / p.sum(0, keepdim=True))
-        p = p / p.sum(1, keepdim=True)
+        p = p * (column_target / p.sum(-2, keepdim=True))
+        p = p / p.sum(-1, keepdim=True)
     return p
 
 
@@ -152,7 +154,7 @@ def distill_identity(cfg: RunConfig, run: RunDir) -> tuple[dict[str, Any], dict[
     cluster = run.read_manifest("cluster")
     if cluster is None or not run.is_complete("cluster"):
         raise LprError(f"no complete prototypes in {run.url}", "run `lpr-distill cluster RUN_DIR` first")
-    config = {"seed": cfg.seed, **cfg.section("router", "distill")}
+    config = {"seed": cfg.seed, **cfg.section("router", "distill", "corpus")}
     inputs = {"prototypes": cluster.fingerprint}
     return config, inputs, fingerprint(config, inputs)
 
@@ -160,37 +162,44 @@ def distill_identity(cfg: RunConfig, run: RunDir) -> tuple[dict[str, Any], dict[
 def finished_layer(run: RunDir, layer: str, fp: str) -> dict[str, Any] | None:
     """The summary of a layer's router already written in this attempt with this fingerprint (what
     ``run_distill`` reuses), or None. A flow's per-layer task checks it before ``distill_one``."""
-    done = read_layer_meta(run, run.partial_path(STAGE), layer)
+    done = read_layer_meta(run, gate_path(run), layer)
     return done["summary"] if done is not None and done.get("fingerprint") == fp else None
 
 
 def run_distill(*, cfg: RunConfig, run: RunDir, force: bool = False) -> Manifest:
-    """Write ``routers/``: one distilled, bias-calibrated LPR router per MoE layer."""
+    """Write ``routers/``: per MoE layer the gate-level router (``routers/gate/``), then the routers
+    distilled in the model and calibrated there (``routers/``)."""
     config, inputs, fp = distill_identity(cfg, run)
     started = time.time()
     model_config = load_config(cfg.model, resolve_model_path(cfg))
     if (done := previous_run(run, STAGE, fp, force=force)) is not None:
         return done.model_copy(update={"skipped": True})
     reader = StatesReader(run.url_of(run.output_path("dump")), run.storage_options)
-    partial = run.partial_path(STAGE)
+    gate_dir = gate_path(run)
     summary = {}
     for layer in reader.layers:
-        done = read_layer_meta(run, partial, layer)
+        done = read_layer_meta(run, gate_dir, layer)
         if done is not None and done.get("fingerprint") == fp:
             summary[layer] = done["summary"]
-            info(f"[bold]distill[/] {layer}: reused (already done with this config)")
+            info(f"[bold]distill[/] {layer}: gate-level router reused (already done with this config)")
             continue
         summary[layer] = distill_one(cfg=cfg, run=run, reader=reader, layer=layer, fp=fp, model_config=model_config)
-    outputs = {"routers": "routers", "layers": list(summary), "bytes": run.size_bytes(partial)}
-    manifest = build_manifest(
-        stage=STAGE, config=config, inputs=inputs, outputs=outputs, stats={"layers": summary}, started=started
-    )
+    model_stats = distill_model_level(cfg=cfg, run=run, layers=reader.layers, fp=fp)
+    outputs = {"routers": "routers", "layers": list(summary), "bytes": run.size_bytes(run.partial_path(STAGE))}
+    stats = {"layers": summary, "model_level": model_stats}
+    manifest = build_manifest(stage=STAGE, config=config, inputs=inputs, outputs=outputs, stats=stats, started=started)
     run.commit(STAGE, manifest)
     return manifest
 
 
+def gate_path(run: RunDir) -> str:
+    """Where the gate-level routers are written while the stage runs (``routers/gate/`` once committed)."""
+    return f"{run.partial_path(STAGE)}/gate"
+
+
 def distill_one(*, cfg: RunConfig, run: RunDir, reader: StatesReader, layer: str, fp: str, model_config: Any) -> dict:
-    """One layer: LPR-init, distillation, bias calibration; written into ``routers.partial/``."""
+    """One layer, gate-level: LPR-init, distillation on the stored states, bias calibration on
+    stored rows; written into ``routers.partial/gate/``."""
     started = time.time()
     init = initial_router(cfg=cfg, run=run, reader=reader, layer=layer, model_config=model_config)
     router, meta, calibration = init.router, init.meta, init.calibration
@@ -221,7 +230,54 @@ def distill_one(*, cfg: RunConfig, run: RunDir, reader: StatesReader, layer: str
         "summary": summary,
         "history": stats["history"],
     }
-    write_layer_router(run, run.partial_path(STAGE), layer, router.state_dict(), meta_out)
+    write_layer_router(run, gate_path(run), layer, router.state_dict(), meta_out)
     gini_text, agreement = f"{summary['val_gini']:.3f}", f"{summary['val_topk_agreement']:.1%}"
     info(f"[bold]distill[/] {layer}: held-out gini {gini_text}, teacher top-k agreement {agreement}")
     return summary
+
+
+def distill_model_level(*, cfg: RunConfig, run: RunDir, layers: list[str], fp: str) -> dict[str, Any]:
+    """The whole-model phase, from the gate-level routers: distillation in the model (when
+    ``distill.model_steps`` > 0), then the bias calibrated in the model, layer by layer, on
+    training-side sequences. Writes the final routers into ``routers.partial/``."""
+    from pipeline.calibrate import calibrate_in_model
+    from pipeline.model_distill import distill_in_model
+
+    d = cfg.distill
+    model, tokenizer = load_model(cfg.model, resolve_model_path(cfg))
+    routers, metas = {}, {}
+    for layer in layers:
+        state, meta = read_layer_router(run, gate_path(run), layer)
+        router = LatentPrototypeRouter(RouterSpec(**meta["spec"]))
+        router.load_state_dict(state, strict=True)
+        routers[meta["module"]], metas[meta["module"]] = router, meta
+    train_count = d.model_steps * d.model_batch_sequences
+    ids = torch.from_numpy(
+        sample_sequences(
+            cfg.corpus,
+            tokenizer,
+            count=d.calibration_sequences + d.model_val_sequences + train_count,
+            seed=cfg.seed + 2000,
+        )
+    )
+    calibration, val, train = torch.split(ids, [d.calibration_sequences, d.model_val_sequences, train_count])
+    stats: dict[str, Any] = {"steps": d.model_steps, "train_tokens": int(train.numel())}
+    if d.model_steps > 0:
+        result = distill_in_model(model, routers, train, val, d, seed=cfg.seed)
+        stats |= {key: result[key] for key in ("best", "seconds", "tokens_per_second")}
+        stats["history"] = result["history"]
+        best = result["best"]
+        info(
+            f"[bold]distill[/] in the model: best step {best['step']}, val KL {best['kl']:.4f}, gini {best['gini']:.3f}"
+        )
+    install_routers(model, routers)
+    calibration_stats = calibrate_in_model(model, calibration, batch=d.model_batch_sequences)
+    stats["calibration_tokens"] = int(calibration.numel())
+    for name, router in routers.items():
+        meta = metas[name] | {
+            "fingerprint": fp,
+            "summary": metas[name]["summary"]
+            | {"model_calibration_slots": [calibration_stats[name]["slots_min"], calibration_stats[name]["slots_max"]]},
+        }
+        write_layer_router(run, run.partial_path(STAGE), meta["layer"], router.state_dict(), meta)
+    return {key: value for key, value in stats.items() if key != "history"} | {"history": stats.get("history", [])}

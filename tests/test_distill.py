@@ -9,7 +9,7 @@ from pipeline import load_lpr_model
 from pipeline.config import build_config
 from pipeline.distill import run_distill, sinkhorn_balance, split_chunks, teacher_target
 from pipeline.errors import LprError
-from pipeline.export import run_export
+from pipeline.export import distilled_routers, run_export
 from pipeline.models import find_routers
 from pipeline.status import run_status
 from storage.routers_store import read_layer_router
@@ -35,9 +35,18 @@ def test_split_chunks_keeps_validation_apart():
     assert split_chunks(300, 512, 0.1, seed=0) == ([(0, 270)], [(270, 300)])  # one chunk: split by rows
 
 
+MODEL_LEVEL = {
+    "model_steps": 12,
+    "model_batch_sequences": 2,
+    "model_val_sequences": 4,
+    "model_eval_every": 4,
+    "calibration_sequences": 16,
+}
+
+
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory, tiny_model, tiny_corpus):
-    distill = {"steps": 60, "batch_rows": 128, "buffer_rows": 1024, "eval_every": 20, "val_rows": 512}
+    distill = {"steps": 60, "batch_rows": 128, "buffer_rows": 1024, "eval_every": 20, "val_rows": 512} | MODEL_LEVEL
     cfg, run = clustered_run(tmp_path_factory.mktemp("distill") / "run", tiny_model, tiny_corpus, distill=distill)
     return cfg, run, run_distill(cfg=cfg, run=run)
 
@@ -74,3 +83,52 @@ def test_distill_needs_prototypes(tmp_path, tiny_model, tiny_corpus):
     cfg = build_config(tiny_run_config(tiny_model, tiny_corpus))
     with pytest.raises(LprError, match="no complete prototypes"):
         run_distill(cfg=cfg, run=RunDir(str(tmp_path / "empty")))
+
+
+def test_sequence_balance_loss_is_zero_only_for_balanced_sequences():
+    from pipeline.model_distill import sequence_balance_loss
+
+    balanced = torch.log(torch.eye(4).repeat(2, 1) * 0.9 + 0.025)  # 2 sequences of 4 tokens, one per expert
+    assert float(sequence_balance_loss(balanced, 2, 50)) < 1e-4
+    skewed = torch.log(torch.tensor([[0.7, 0.1, 0.1, 0.1]]).repeat(8, 1))
+    assert float(sequence_balance_loss(skewed, 2, 50)) > 0.1
+    # sequence 1 all on expert 0, sequence 2 all on expert 1: balanced over the batch, not within each
+    halves = torch.log(torch.tensor([[0.98, 0.02]] * 4 + [[0.02, 0.98]] * 4))
+    assert float(sequence_balance_loss(halves, 1, 50)) < 1e-3
+    assert float(sequence_balance_loss(halves, 2, 50)) > 0.5
+
+
+def test_model_level_trains_routers_only_and_calibrates_in_the_model(distilled, tiny_model):
+    from pipeline.calibrate import router_latents
+    from pipeline.config import DistillConfig
+    from pipeline.model_distill import distill_in_model
+    from pipeline.models import load_model
+    from pipeline.replace import install_routers
+
+    cfg, run, manifest = distilled
+    model_level = manifest.stats["model_level"]
+    objectives = [point["objective"] for point in model_level["history"]]
+    assert model_level["best"]["objective"] == min(objectives) and len(objectives) == 4  # step 0 + every 4 of 12
+    gate, final = run.output_path("distill") + "/gate", run.output_path("distill")
+    for layer in manifest.outputs["layers"]:
+        gate_state, _ = read_layer_router(run, gate, layer)
+        final_state, meta = read_layer_router(run, final, layer)
+        if model_level["best"]["step"] > 0:
+            assert not torch.equal(gate_state["prototypes"], final_state["prototypes"])
+        low, high = meta["summary"]["model_calibration_slots"]
+        assert high - low <= 4, layer  # 16 sequences · 32 tokens · top-2 slots, equal up to near-ties
+
+    # the calibration holds in the model: routing the calibration sequences again gives equal slots
+    model, _ = load_model(cfg.model, str(tiny_model))
+    routers = distilled_routers(run)[0]
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    d = DistillConfig(**(cfg.distill.model_dump() | {"model_steps": 3}))
+    ids = torch.randint(0, model.config.vocab_size, (10, 16), generator=torch.Generator().manual_seed(0))
+    distill_in_model(model, routers, ids[:6], ids[6:], d, seed=0)
+    for name, parameter in model.named_parameters():  # the experts and everything else: untouched
+        assert torch.equal(parameter, before[name]), name
+    assert not any(isinstance(site.module, type(next(iter(routers.values())))) for site in find_routers(model))
+    install_routers(model, routers)
+    for site in find_routers(model):
+        z = router_latents(model, site.module, ids, batch=4)
+        assert z.shape == (10 * 16, site.module.spec.latent_dim)

@@ -1,0 +1,60 @@
+"""In-model bias calibration: each router's choice bias set so that its top-k slots are balanced on
+the inputs it actually gets inside the model.
+
+Layer by layer in model order: layer l is calibrated on the hidden states it receives while every
+earlier router already routes with its calibrated bias (re-routing upstream changes what downstream
+routers see, so calibrating each layer on the original model's stored states leaves later layers
+off balance). The forward pass stops at the layer being calibrated, so calibrating L layers costs
+about L/2 full passes over the calibration sequences.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.init_routers import calibrate_bias
+from pipeline.models import find_routers
+from pipeline.progress import progress_bar
+from pipeline.router import LatentPrototypeRouter
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the layer being calibrated has seen its input."""
+
+
+def router_latents(model: nn.Module, router: LatentPrototypeRouter, ids: torch.Tensor, batch: int) -> torch.Tensor:
+    """Latents (n·S, d) float32 of the router's inputs over the sequences ids (n, S)."""
+    latents: list[torch.Tensor] = []
+
+    def capture(module: nn.Module, args: tuple) -> None:
+        x = args[0].reshape(-1, router.hidden_dim).to(router.encoder.weight.dtype)
+        latents.append(router.encode(x)[0].float().cpu())
+        raise _StopForward
+
+    handle = router.register_forward_pre_hook(capture)
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for start in range(0, len(ids), batch):
+                with contextlib.suppress(_StopForward):
+                    model(ids[start : start + batch].to(device))
+    finally:
+        handle.remove()
+    return torch.cat(latents)
+
+
+def calibrate_in_model(model: nn.Module, ids: torch.Tensor, *, batch: int = 16) -> dict[str, dict[str, Any]]:
+    """Calibrate the bias of every LPR router installed in ``model`` on the sequences ids (n, S), in
+    layer order. Returns per router module name the calibration figures (rows, min/max slots)."""
+    sites = [site for site in find_routers(model) if isinstance(site.module, LatentPrototypeRouter)]
+    results = {}
+    with progress_bar("calibrate bias in the model", len(sites)) as bar:
+        for site in sites:
+            site.module.bias.zero_()
+            results[site.name] = calibrate_bias(site.module, router_latents(model, site.module, ids, batch))
+            bar.advance(1, note=site.name)
+    return results
