@@ -1,11 +1,12 @@
 """Dump stage: run the model over the train split and record what every router sees and decides.
 
 A forward hook on each router records its input ``x`` and its output triple (logits, top-k
-weights, top-k indices); padding rows are dropped before anything is stored. Batches go to a
-background writer thread so the forward pass of batch i+1 overlaps the write of batch i. The
-store commits its row count after each batch; a rerun with the same fingerprint resumes at the
-first uncommitted packed sequence (batches are whole sequences, so the resumed run forms the
-same batches and writes the same rows).
+weights, top-k indices; ``pipeline.families.as_triple`` for a family that returns another
+shape); padding rows are dropped before anything is stored. Batches go to a background writer
+thread so the forward pass of batch i+1 overlaps the write of batch i. The store commits its
+row count after each batch; a rerun with the same fingerprint resumes at the first uncommitted
+packed sequence (batches are whole sequences, so the resumed run forms the same batches and
+writes the same rows).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import nn
 from pipeline.config import RunConfig
 from pipeline.corpus import PackedSequence, describe_corpus, iter_documents, iter_packed, split_documents
 from pipeline.errors import LprError
-from pipeline.families import FAMILIES
+from pipeline.families import FAMILIES, as_triple
 from pipeline.models import RouterSite, find_routers, load_config, load_model, model_identity, resolve_model_path
 from pipeline.progress import Bar, info, progress_bar
 from pipeline.stages import build_manifest, previous_run
@@ -55,12 +56,9 @@ class RouterCapture:
 
     def _hook(self, index: int):
         def record(module: nn.Module, args: tuple, output: Any) -> None:
-            if not (isinstance(output, tuple) and len(output) == 3):
-                raise LprError(
-                    f"router {self.sites[index].name} returns {type(output).__name__}, not (logits, weights, indices)",
-                    "this MoE family's router does not follow the transformers 5 contract; it is not supported",
-                )
-            self._records[index] = (args[0], *output)
+            # x is the first positional argument (some blocks pass a choice bias as the second);
+            # Llama 4's (dense scores, logits) becomes the common (logits, weights, indices)
+            self._records[index] = (args[0], *as_triple(output, int(getattr(module, "top_k", 0))))
 
         return record
 

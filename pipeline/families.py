@@ -1,53 +1,395 @@
-"""The MoE families the pipeline supports: data, one entry per family.
+"""The MoE families the pipeline supports: data, one entry per family (adding a family is one entry).
 
-``weights`` says how the family turns router logits into expert weights (what an LPR router
-that replaces it must reproduce). Capture works for any family whose router returns
-``(logits [T, E], weights [T, k], indices [T, k])``; the families below are those it is tested on.
+Routers are found generically (``pipeline.models.find_routers``: the class that the base model's
+``_can_record_outputs["router_logits"]`` recorder targets). What differs per family, and lives here:
+
+* what the router returns: ``(logits [T, E], weights [T, k], indices [T, k])`` (``triple``), or
+  Llama 4's ``(dense scores [T, E], logits [T, E])`` (``scores_logits``);
+* what it receives: ``x`` (2-D ``[T, H]`` or 3-D ``[B, S, H]``), plus for some families a per-expert
+  bias that the MoE block holds and passes as a second positional argument;
+* its **weight convention** — how logits become the weights the experts were trained with
+  (``pipeline.router.LatentPrototypeRouter.route`` implements each one);
+* where its own tensors sit (gate weight, logit bias, choice bias), so that an identity-configured
+  LPR reproduces it exactly.
+
+Conventions (the bias ``b`` only moves the *choice* of experts, never the weights):
+
+| convention | choice | weights |
+|---|---|---|
+| ``softmax`` | top-k of softmax(l) + b, maybe group-limited | softmax(l) of the chosen, renormalised or not, × scale |
+| ``sigmoid`` | top-k of sigmoid(l) + b, maybe group-limited | sigmoid(l) of the chosen, renormalised or not, × scale |
+| ``topk_softmax`` | top-k of l + b | softmax over the k chosen logits |
+| ``topk_sigmoid`` | top-k of l + b | sigmoid of the chosen logits, renormalised or not |
+| ``llama4`` | top-k of l + b | sigmoid of the chosen logits, scattered into a dense [T, E] (0 elsewhere) |
+| ``sparsemixer`` | PhiMoE at inference: best, then second best of l + b | masked softmax around each chosen logit |
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
 
 from pipeline.errors import LprError
+
+Convention = Literal["softmax", "sigmoid", "topk_softmax", "topk_sigmoid", "llama4", "sparsemixer"]
+Setting = str | float | bool | int  # a config attribute name, or the value itself
+
+
+def _setting(config: Any, value: Setting, default: Any = None) -> Any:
+    """A family setting: a config attribute's value when ``value`` names one, else ``value`` itself."""
+    if isinstance(value, str):
+        found = getattr(config, value, default)
+        return default if found is None else found
+    return value
 
 
 @dataclass(frozen=True)
 class Family:
+    """One MoE family: its router contract and weight convention (see the module docstring)."""
+
     model_type: str  # transformers' config.model_type
-    weights: str  # weight convention of the original router (recorded in the states store)
-    experts_key: str = "num_experts"  # config attribute with the number of experts
-    renormalize: str | bool = "norm_topk_prob"  # config attribute, or always/never
-    weights_fp32: bool = False  # weights stay float32 instead of the logits' dtype
+    name: str  # what people call it
+    convention: Convention
+    weights: str  # the convention in words (recorded in the states store)
+    experts: str = "num_experts"  # config attribute: number of routed experts
+    top_k: str = "num_experts_per_tok"  # config attribute: experts per token
+    renormalize: Setting = "norm_topk_prob"  # renormalise the chosen weights to sum to 1
+    renorm_eps: float = 0.0  # added to the denominator (DeepSeek-V3: 1e-20)
+    renorm_min: Setting = 0.0  # the denominator is clamped to at least this (Ernie: moe_norm_min)
+    scaling: Setting = 1.0  # the weights are multiplied by this (routed_scaling_factor)
+    groups: tuple[str, str] | None = None  # config attributes (number of groups, groups kept) for group-limited top-k
+    group_score: Literal["top2", "max"] = "top2"  # how a group is ranked: sum of its best two, or its best
+    group_switch: tuple[str, str] | None = None  # groups apply only when config.<attr> == value (DeepSeek-V2)
+    logits_fp32: bool = False  # the router computes its logits in float32 whatever the model's dtype
+    weights_dtype: Literal["logits", "float32", "input"] = "logits"  # dtype of the weights it returns
+    jitter: str | None = None  # config attribute with PhiMoE's sparsemixer threshold
+    gate: str = "weight"  # the router's (E, H) weight, as an attribute path from the router
+    logit_bias: str | None = None  # a per-expert bias added to the logits (GPT-OSS)
+    choice_bias: str | None = None  # the per-expert choice bias; "^name" = held by the MoE block that holds the router
+    returns: Literal["triple", "scores_logits"] = "triple"
+    receives: str = "x [T, H]"  # what the router is called with, in words (for the compatibility matrix)
+    tiny: dict[str, Any] = field(default_factory=dict, compare=False)  # extra config for a tiny test model
 
     def num_experts(self, config: Any) -> int:
-        return int(getattr(config, self.experts_key))
+        return int(_setting(config, self.experts))
+
+    def num_top_k(self, config: Any) -> int:
+        value = _setting(config, self.top_k)
+        if isinstance(value, list | tuple):
+            if len(set(value)) != 1:
+                raise LprError(
+                    f"{self.name} with a different top-k per layer ({value}) is not supported",
+                    "use a checkpoint with one top-k for every layer",
+                )
+            value = value[0]
+        return int(value)
 
     def renormalizes(self, config: Any) -> bool:
-        return bool(getattr(config, self.renormalize, False)) if isinstance(self.renormalize, str) else self.renormalize
+        return bool(_setting(config, self.renormalize, False))
 
+    def group_setting(self, config: Any) -> tuple[int, int]:
+        """(number of groups, groups kept); (1, 1) when the family or this config does not limit groups."""
+        if self.groups is None:
+            return 1, 1
+        if self.group_switch is not None and getattr(config, self.group_switch[0], None) != self.group_switch[1]:
+            return 1, 1
+        return int(_setting(config, self.groups[0], 1)), int(_setting(config, self.groups[1], 1))
+
+    def gate_tensors(
+        self, router: nn.Module, block: nn.Module | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The original router's gate weight (E, H), logit bias (E,) or None, choice bias (E,) or None."""
+        weight = _resolve(router, self.gate)
+        logit_bias = _resolve(router, self.logit_bias) if self.logit_bias else None
+        choice_bias = None
+        if self.choice_bias:
+            owner, path = (
+                (block, self.choice_bias[1:]) if self.choice_bias.startswith("^") else (router, self.choice_bias)
+            )
+            found = _resolve(owner, path) if owner is not None else None
+            choice_bias = None if found is None else found.detach().reshape(-1)
+        return weight.detach(), None if logit_bias is None else logit_bias.detach(), choice_bias
+
+
+def _resolve(module: Any, path: str) -> Any:
+    for part in path.split("."):
+        module = getattr(module, part, None)
+    return module
+
+
+def _deepseek(model_type: str, name: str, **kw: Any) -> Family:
+    """DeepSeek-V3's router: sigmoid, choice on score + e_score_correction_bias, group-limited top-k
+    (groups ranked by the sum of their best two), weights renormalised if norm_topk_prob, × routed_scaling_factor."""
+    return Family(
+        model_type,
+        name,
+        "sigmoid",
+        "sigmoid (fp32); choice on score + e_score_correction_bias, group-limited top-k; "
+        "renormalise if norm_topk_prob (+1e-20); × routed_scaling_factor",
+        **{
+            "experts": "n_routed_experts",
+            "renorm_eps": 1e-20,
+            "scaling": "routed_scaling_factor",
+            "groups": ("n_group", "topk_group"),
+            "logits_fp32": True,
+            "weights_dtype": "float32",
+            "choice_bias": "e_score_correction_bias",
+            "receives": "x [B, S, H]",
+            **kw,
+        },
+    )
+
+
+_SOFTMAX = "softmax → top-k → renormalise if norm_topk_prob; weights in the logits' dtype"
 
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
-        Family("qwen3_moe", "softmax → top-k → renormalise if norm_topk_prob"),
-        Family("qwen2_moe", "softmax → top-k → renormalise if norm_topk_prob"),
-        Family("mixtral", "softmax (fp32) → top-k → renormalise", "num_local_experts", True, True),
-        Family("olmoe", "softmax → top-k → renormalise if norm_topk_prob"),
+        Family("qwen3_moe", "Qwen3-MoE", "softmax", _SOFTMAX),
+        Family("qwen2_moe", "Qwen2-MoE", "softmax", _SOFTMAX),
+        Family(
+            "qwen3_next",
+            "Qwen3-Next",
+            "softmax",
+            _SOFTMAX,
+            tiny={"layer_types": ["linear_attention", "full_attention"]},
+        ),
+        Family(
+            "qwen3_5_moe_text",
+            "Qwen3.5-MoE",
+            "softmax",
+            "softmax → top-k → renormalise; weights in the logits' dtype",
+            renormalize=True,
+            tiny={"layer_types": ["linear_attention", "full_attention"]},
+        ),
+        Family("olmoe", "OLMoE", "softmax", _SOFTMAX),
+        Family("flex_olmo", "FlexOlmo", "softmax", _SOFTMAX, tiny={"pad_token_id": 1}),
+        Family("mellum", "Mellum", "softmax", _SOFTMAX, experts="num_local_experts"),
+        Family(
+            "mixtral",
+            "Mixtral",
+            "softmax",
+            "softmax (fp32) → top-k → renormalise; weights fp32",
+            experts="num_local_experts",
+            renormalize=True,
+            weights_dtype="float32",
+        ),
+        Family(
+            "minimax",
+            "MiniMax",
+            "softmax",
+            "softmax (fp32) → top-k → renormalise; weights fp32",
+            experts="num_local_experts",
+            renormalize=True,
+            weights_dtype="float32",
+        ),
+        Family(
+            "jamba",
+            "Jamba",
+            "softmax",
+            "softmax → top-k, no renormalisation; weights in the input's dtype",
+            renormalize=False,
+            weights_dtype="input",
+            tiny={
+                "attn_layer_period": 2,
+                "attn_layer_offset": 1,
+                "expert_layer_period": 1,
+                "expert_layer_offset": 0,
+                "use_mamba_kernels": False,
+            },
+        ),
+        Family(
+            "hunyuan_v1_moe",
+            "HunYuan-MoE",
+            "softmax",
+            "softmax (fp32 gate) → top-k → renormalise",
+            top_k="moe_topk",
+            renormalize=True,
+            gate="wg.weight",
+        ),
+        Family(
+            "ernie4_5_moe",
+            "Ernie 4.5-MoE",
+            "softmax",
+            "softmax (fp32); choice on probability + moe_statics bias; renormalise (denominator ≥ moe_norm_min)",
+            experts="moe_num_experts",
+            top_k="moe_k",
+            renormalize=True,
+            renorm_min="moe_norm_min",
+            logits_fp32=True,
+            weights_dtype="input",
+            choice_bias="moe_statics.e_score_correction_bias",
+            tiny={"num_hidden_layers": 3},
+        ),
+        Family(
+            "deepseek_v2",
+            "DeepSeek-V2",
+            "softmax",
+            "softmax (fp32) → greedy or group-limited (groups ranked by their best) top-k → × routed_scaling_factor",
+            experts="n_routed_experts",
+            renormalize=False,
+            scaling="routed_scaling_factor",
+            groups=("n_group", "topk_group"),
+            group_score="max",
+            group_switch=("topk_method", "group_limited_greedy"),
+            logits_fp32=True,
+            weights_dtype="float32",
+            receives="x [B, S, H]",
+            tiny={"n_group": 4, "topk_group": 2, "topk_method": "group_limited_greedy", "routed_scaling_factor": 1.5},
+        ),
+        _deepseek(
+            "deepseek_v3",
+            "DeepSeek-V3",
+            tiny={
+                "n_group": 4,
+                "topk_group": 2,
+                "routed_scaling_factor": 2.5,
+                "first_k_dense_replace": 1,
+                "num_hidden_layers": 3,
+            },
+        ),
+        _deepseek("deepseek_v32", "DeepSeek-V3.2", tiny={"n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5}),
+        _deepseek("glm4_moe", "GLM-4-MoE", tiny={"n_group": 2, "topk_group": 1, "routed_scaling_factor": 1.5}),
+        _deepseek("glm4_moe_lite", "GLM-4-MoE-Lite", tiny={"routed_scaling_factor": 1.8, "num_hidden_layers": 3}),
+        _deepseek("dots1", "dots.llm1", tiny={"n_shared_experts": 1}),
+        _deepseek("solar_open", "Solar Open"),
+        _deepseek("exaone_moe", "EXAONE-MoE", experts="num_experts"),
+        Family(
+            "gpt_oss",
+            "GPT-OSS",
+            "topk_softmax",
+            "top-k on logits (weight + bias) → softmax over the k",
+            experts="num_local_experts",
+            logit_bias="bias",
+        ),
+        Family(
+            "granitemoe",
+            "Granite-MoE",
+            "topk_softmax",
+            "top-k on logits (fp32) → softmax over the k; weights in the input's dtype",
+            experts="num_local_experts",
+            logits_fp32=True,
+            weights_dtype="input",
+        ),
+        Family(
+            "granitemoeshared",
+            "Granite-MoE-Shared",
+            "topk_softmax",
+            "top-k on logits (fp32) → softmax over the k; weights in the input's dtype",
+            experts="num_local_experts",
+            logits_fp32=True,
+            weights_dtype="input",
+        ),
+        Family(
+            "granitemoehybrid",
+            "Granite-MoE-Hybrid",
+            "topk_softmax",
+            "top-k on logits (fp32) → softmax over the k; weights in the input's dtype",
+            experts="num_local_experts",
+            logits_fp32=True,
+            weights_dtype="input",
+            tiny={"layer_types": ["mamba", "attention"], "mamba_n_heads": 8, "mamba_d_head": 16},
+        ),
+        Family(
+            "cohere2_moe",
+            "Command-A-MoE (Cohere2-MoE)",
+            "topk_softmax",
+            "top-k on logits → softmax over the k (expert_selection_fn=softmax); weights in the input's dtype",
+            weights_dtype="input",
+        ),
+        Family(
+            "llama4_text",
+            "Llama 4",
+            "llama4",
+            "top-k on logits → sigmoid of the k as dense [T, E] scores (0 elsewhere); experts see score-scaled x",
+            experts="num_local_experts",
+            returns="scores_logits",
+        ),
+        Family(
+            "phimoe",
+            "PhiMoE",
+            "sparsemixer",
+            "sparsemixer at inference: top-2, each weight a softmax masked around its logit (router_jitter_noise)",
+            experts="num_local_experts",
+            jitter="router_jitter_noise",
+        ),
+        Family(
+            "minimax_m2",
+            "MiniMax-M2",
+            "sigmoid",
+            "sigmoid (fp32); choice on score + the block's e_score_correction_bias; renormalise; weights fp32",
+            experts="num_local_experts",
+            renormalize=True,
+            weights_dtype="float32",
+            choice_bias="^e_score_correction_bias",
+            receives="x [T, H], block's bias",
+        ),
+        Family(
+            "kolibri1",
+            "Kolibri",
+            "topk_sigmoid",
+            "top-k of logits (fp32) + e_score_correction_bias → sigmoid of the k; renormalise if norm_topk_prob",
+            experts="num_local_experts",
+            logits_fp32=True,
+            weights_dtype="float32",
+            choice_bias="e_score_correction_bias",
+        ),
     )
 }
 
+# Families whose router cannot take the LPR's place by the common contract: model_type → why.
+UNSUPPORTED: dict[str, str] = {
+    "jetmoe": "its JetMoeTopKGating returns a 5-tuple and also gates attention experts",
+    "dbrx": "its router returns logits only; top-k happens in DbrxFFN.route_tokens_to_experts",
+    "doge": "its CDMoE block routes by product keys, with no (logits, weights, indices) router",
+    "switch_transformers": "it is an encoder-decoder with top-1 capacity routing that drops tokens",
+    "nllb_moe": "it is an encoder-decoder with top-2 capacity routing that drops tokens",
+    "zaya": "its router has its own hidden layer (router_hidden_size) and top-1 only",
+}
+
+
+def _supported() -> str:
+    return ", ".join(sorted(FAMILIES))
+
 
 def family_of(config: Any) -> str:
-    """The family key of a transformers config; raises for families not in the table."""
+    """The family key of a transformers config; a one-line error for families not in the table."""
     model_type = getattr(config, "model_type", None)
     if model_type in FAMILIES:
         return model_type
-    supported = ", ".join(sorted(FAMILIES))
-    if any(getattr(config, key, None) for key in ("num_experts", "num_local_experts", "n_routed_experts")):
-        raise LprError(f"MoE family '{model_type}' is not supported yet", f"supported families: {supported}")
+    how = "to add one, add a Family entry to pipeline/families.py (router contract and weight convention)"
+    if model_type in UNSUPPORTED:
+        raise LprError(
+            f"MoE family '{model_type}' is not supported: {UNSUPPORTED[model_type]}",
+            f"supported families: {_supported()}",
+        )
+    if any(
+        getattr(config, key, None)
+        for key in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "moe_topk")
+    ):
+        raise LprError(f"MoE family '{model_type}' is not supported yet", f"supported families: {_supported()}; {how}")
     raise LprError(
         f"model type '{model_type}' is a dense model with no MoE layer to distil",
-        f"point --model at a Mixture-of-Experts checkpoint (supported families: {supported})",
+        f"point --model at a Mixture-of-Experts checkpoint (supported families: {_supported()})",
+    )
+
+
+def as_triple(output: Any, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A router's output as (logits [T, E], weights [T, k], indices [T, k]), whatever its family returns.
+
+    Llama 4 returns (dense scores [T, E], logits [T, E]): the chosen experts are the top-k logits and
+    their weights are the scores there.
+    """
+    if isinstance(output, tuple) and len(output) == 3:
+        return output
+    if isinstance(output, tuple) and len(output) == 2:
+        scores, logits = output
+        indices = logits.reshape(-1, logits.shape[-1]).topk(top_k, dim=-1).indices
+        return logits, scores.reshape(-1, scores.shape[-1]).gather(-1, indices), indices
+    raise LprError(
+        f"a router returned {type(output).__name__}, not (logits, weights, indices)",
+        f"this MoE family's router does not follow the transformers 5 contract (supported: {_supported()})",
     )
