@@ -37,7 +37,7 @@ def candidate_lines(doc: Document, *, min_chars: int, max_chars: int) -> list[in
 
 
 def build_items(
-    docs: list[Document], *, items: int, seed: int = 0, context_chars: int = 600, per_doc: int = 2
+    docs: list[Document], *, items: int, seed: int = 0, context_chars: int = 320, per_doc: int = 2
 ) -> list[dict]:
     """Multiple-choice cloze items (context, 4 choices, label) from ``docs``; ``items`` at most."""
     rng = np.random.default_rng(seed)
@@ -71,7 +71,7 @@ def build_items(
     return out
 
 
-def main(items: int = 300, max_chars: int = 14_000_000, heldout_fraction: float = 0.1) -> None:
+def main(items: int = 250, max_chars: int = 14_000_000, heldout_fraction: float = 0.1) -> None:
     from pipeline.demo_corpus import demo_documents
 
     docs = [d for d in demo_documents(max_chars=max_chars) if is_heldout(d.name, heldout_fraction)]
