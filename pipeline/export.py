@@ -89,6 +89,12 @@ def export_routers(
     return write_routers(out, tensors, config, card)
 
 
+def convention(spec: RouterSpec) -> str:
+    """The family weight convention a spec routes by, in words (what ``route`` does with the logits)."""
+    fields = ("convention", "renormalize", "scaling", "n_group", "topk_group", "group_score", "jitter_eps", "returns")
+    return ", ".join(f"{name}={getattr(spec, name)}" for name in fields)
+
+
 def load_lpr_model(model_or_path: nn.Module | str | Path, routers_dir: str | Path, **from_pretrained: Any) -> nn.Module:
     """The transformers model with every router replaced by the exported LPR routers.
 
@@ -111,6 +117,7 @@ def load_lpr_model(model_or_path: nn.Module | str | Path, routers_dir: str | Pat
             ("hidden size", spec.hidden_size, expected.hidden_size),
             ("experts", spec.num_experts, expected.num_experts),
             ("top-k", spec.top_k, expected.top_k),
+            ("weight convention", convention(spec), convention(expected)),
         )
         if mine != theirs
     ]

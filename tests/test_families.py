@@ -115,3 +115,22 @@ def test_readme_matrix_lists_every_family():
     section = readme.split("<!-- compat-matrix:start -->")[1].split("<!-- compat-matrix:end -->")[0]
     for model_type in [*FAMILIES, *UNSUPPORTED]:
         assert f"`{model_type}`" in section, model_type
+
+
+def test_routers_for_another_weight_convention_are_refused(tmp_path):
+    """Routers exported for a DeepSeek-V3 model with one routed scaling do not load into one with another."""
+    from pipeline import load_lpr_model
+    from storage.routers import write_routers
+
+    model = tiny_model("deepseek_v3", seed=1)
+    routers = identity_routers(model)
+    spec = next(iter(routers.values())).spec
+    tensors = {f"{name}.{key}": value for name, r in routers.items() for key, value in r.state_dict().items()}
+    config = {"kind": "identity", "family": "deepseek_v3", "model": "tiny", "spec": spec.to_dict()}
+    config["routers"] = list(routers)
+    out = write_routers(tmp_path / "routers", tensors, config, "card")
+    loaded = load_lpr_model(model, out)  # the same model: fine, and unchanged
+    assert all(type(site.module).__name__.startswith("Lpr") for site in find_routers(loaded))
+    other = tiny_model("deepseek_v3", seed=1, routed_scaling_factor=1.0)
+    with pytest.raises(LprError, match=r"weight convention convention=sigmoid.*scaling=2\.5.*≠ the model's .*=1\.0"):
+        load_lpr_model(other, out)

@@ -25,9 +25,14 @@ _MLA = ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "
 
 
 def tiny_config(
-    family: str, *, vocab_size: int = 300, pad_token_id: int | None = None, eos_token_id: int | None = None
+    family: str,
+    *,
+    vocab_size: int = 300,
+    pad_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    **overrides: Any,
 ):
-    """A transformers config of ``family`` at test size: hidden 64, 8 experts, top-2."""
+    """A transformers config of ``family`` at test size: hidden 64, 8 experts, top-2 (``overrides`` last)."""
     from transformers import AutoConfig
 
     defaults = AutoConfig.for_model(family).to_dict()
@@ -60,7 +65,7 @@ def tiny_config(
         kw["pad_token_id"] = pad_token_id
     if eos_token_id is not None:
         kw["eos_token_id"] = eos_token_id
-    return AutoConfig.for_model(family, **kw)
+    return AutoConfig.for_model(family, **kw | overrides)
 
 
 def tiny_model(family: str, *, seed: int = 0, **config: Any):
