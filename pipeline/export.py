@@ -11,6 +11,7 @@ from torch import nn
 from pipeline import __version__
 from pipeline.config import RunConfig
 from pipeline.errors import LprError
+from pipeline.families import family_of
 from pipeline.init_routers import calibrate_bias, encode_rows, initial_router
 from pipeline.models import find_routers, load_config, resolve_model_path
 from pipeline.progress import info
@@ -60,7 +61,7 @@ def export_routers(
     tensors = {f"{name}.{key}": value for name, router in routers.items() for key, value in router.state_dict().items()}
     config = {
         "kind": kind,
-        "family": model_config.model_type,
+        "family": family_of(model_config),
         "model": cfg.model.path,
         "revision": cfg.model.revision,
         "hidden_size": spec.hidden_size,
@@ -76,7 +77,7 @@ def export_routers(
         model_path=model_path,
         kind={"lpr-init": "Initialised (not distilled)", "lpr": "Distilled"}.get(kind, kind),
         layers=len(routers),
-        family=model_config.model_type,
+        family=family_of(model_config),
         experts=spec.num_experts,
         top_k=spec.top_k,
         version=__version__,
@@ -113,7 +114,7 @@ def load_lpr_model(model_or_path: nn.Module | str | Path, routers_dir: str | Pat
     problems = [
         f"{what} {mine} ≠ the model's {theirs}"
         for what, mine, theirs in (
-            ("family", config["family"], model.config.model_type),
+            ("family", config["family"], family_of(model.config)),
             ("hidden size", spec.hidden_size, expected.hidden_size),
             ("experts", spec.num_experts, expected.num_experts),
             ("top-k", spec.top_k, expected.top_k),

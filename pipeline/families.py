@@ -355,11 +355,23 @@ def _supported() -> str:
     return ", ".join(sorted(FAMILIES))
 
 
+def text_config(config: Any) -> Any:
+    """The config that describes the MoE decoder: ``config`` itself, or the text config of a
+    composite one (a full Llama 4 or Qwen3.5-MoE checkpoint, which AutoModelForCausalLM loads as
+    its text model)."""
+    if getattr(config, "model_type", None) in FAMILIES:
+        return config
+    get_text_config = getattr(config, "get_text_config", None)
+    inner = get_text_config() if callable(get_text_config) else None
+    return inner if getattr(inner, "model_type", None) in FAMILIES else config
+
+
 def family_of(config: Any) -> str:
     """The family key of a transformers config; a one-line error for families not in the table."""
-    model_type = getattr(config, "model_type", None)
+    model_type = getattr(text_config(config), "model_type", None)
     if model_type in FAMILIES:
         return model_type
+    model_type = getattr(config, "model_type", None)
     how = "to add one, add a Family entry to pipeline/families.py (router contract and weight convention)"
     if model_type in UNSUPPORTED:
         raise LprError(

@@ -187,9 +187,10 @@ def sparsemixer(logits: torch.Tensor, bias: torch.Tensor, jitter_eps: float) -> 
 
 def spec_for(config: object, *, latent_dim: int, similarity: Similarity = "cosine") -> RouterSpec:
     """The router spec that fits a transformers config of a supported family (its weight convention included)."""
-    from pipeline.families import FAMILIES, _setting, family_of
+    from pipeline.families import FAMILIES, _setting, family_of, text_config
 
     family = FAMILIES[family_of(config)]
+    config = text_config(config)
     n_group, topk_group = family.group_setting(config)
     return RouterSpec(
         hidden_size=int(config.hidden_size),

@@ -134,3 +134,16 @@ def test_routers_for_another_weight_convention_are_refused(tmp_path):
     other = tiny_model("deepseek_v3", seed=1, routed_scaling_factor=1.0)
     with pytest.raises(LprError, match=r"weight convention convention=sigmoid.*scaling=2\.5.*≠ the model's .*=1\.0"):
         load_lpr_model(other, out)
+
+
+def test_composite_configs_resolve_to_their_text_model():
+    """A full Llama 4 checkpoint's config is composite (model_type llama4); AutoModelForCausalLM loads
+    its text model, so the family and router spec come from the text config."""
+    from pipeline.router import spec_for
+    from tests.tiny_families import tiny_config
+
+    text = tiny_config("llama4_text")
+    composite = AutoConfig.for_model("llama4", text_config=text.to_dict())
+    assert composite.model_type == "llama4" and family_of(composite) == "llama4_text"
+    spec = spec_for(composite, latent_dim=8)
+    assert (spec.hidden_size, spec.num_experts, spec.top_k, spec.returns) == (64, 8, 2, "scores_logits")
