@@ -94,6 +94,7 @@ class DistillConfig(_Section):
     model_batch_sequences: int = Field(8, ge=1)
     model_lr: float = Field(2e-3, gt=0)
     model_balance: float = Field(0.5, ge=0)  # weight of the per-sequence balance term
+    model_candidates: int = Field(2, ge=0)  # runner-up experts per token given straight-through weights
     model_val_sequences: int = Field(32, ge=1)  # training-side sequences kept out for early stopping
     model_eval_every: int = Field(50, ge=1)
     # the final choice-bias calibration in the model (training-side documents, never the held-out ones)
@@ -109,7 +110,7 @@ class ValidateConfig(_Section):
     capacity_factors: list[float] = [1.0, 1.25]  # expert capacity as a multiple of the mean load (overflow)
     devices: list[int] = [2, 4, 8]  # expert-parallel device counts (balancedness)
     idle_fraction: float = Field(0.01, ge=0, lt=1)  # an expert below this share of a fair load counts as idle
-    bias_strengths: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5]  # original+bias swept over its strength
+    bias_strengths: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25]  # original+bias swept over its strength
     tasks: list[str] = ["lpr_demo_cloze"]  # lm-eval tasks by name (the shipped local task, hellaswag, …); [] skips
     task_limit: int | None = Field(None, ge=1)  # documents per lm-eval task; null: all
     eval_batch_size: int = Field(32, ge=1)  # lm-eval batch size

@@ -83,8 +83,6 @@ def evaluate_tasks(
     tasks = _task_list(names, manager)
     device = str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, max_length=max_length)
-    quiet = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # lm-eval's per-request progress bars; validate prints one line per variant
     try:
         results = simple_evaluate(
             model=lm,
@@ -100,11 +98,6 @@ def evaluate_tasks(
             f"lm-eval could not load the data of {names} ({str(err).splitlines()[0][:160]})",
             "standard tasks need their datasets on this machine; drop them from validate.tasks",
         ) from None
-    finally:
-        if quiet is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = quiet
     out: dict[str, dict[str, float]] = {}
     for task, metrics in (results or {}).get("results", {}).items():
         figures = {}

@@ -77,7 +77,7 @@ def frontier(curves: dict[str, list[dict]], points: dict[str, dict]) -> bytes:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, curve in curves.items():
-        ordered = sorted(curve, key=lambda p: p["gini"])
+        ordered = curve  # in the order of the swept setting (a bias pushed past balance turns back)
         ax.plot([p["gini"] for p in ordered], [p["cross_entropy"] for p in ordered], marker="o", label=name)
         for p in ordered:
             ax.annotate(

@@ -32,11 +32,22 @@ def curve_point(label: str, result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def pareto(curve: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The curve's efficient points (no other point is both more balanced and lower in loss), by Gini."""
+    ordered = sorted(curve, key=lambda p: (p["gini"], p["cross_entropy"]))
+    front: list[dict[str, Any]] = []
+    for point in ordered:
+        if not front or point["cross_entropy"] < front[-1]["cross_entropy"]:
+            front.append(point)
+    return front
+
+
 def interpolate_ce(curve: list[dict[str, Any]], gini: float) -> float | None:
-    """Cross-entropy of a curve at a given mean Gini (linear between its points); None outside its range."""
-    ordered = sorted(curve, key=lambda p: p["gini"])
-    xs = np.array([p["gini"] for p in ordered])
-    ys = np.array([p["cross_entropy"] for p in ordered])
+    """Cross-entropy of a curve's efficient points at a given mean Gini (linear between them); None
+    when the curve reaches no Gini that low (or that high)."""
+    front = pareto(curve)
+    xs = np.array([p["gini"] for p in front])
+    ys = np.array([p["cross_entropy"] for p in front])
     if len(xs) == 0 or gini < xs.min() or gini > xs.max():
         return None
     return float(np.interp(gini, xs, ys))
@@ -49,16 +60,24 @@ def compare_at_balance(variants: dict[str, dict], bias_curve: list[dict]) -> dic
     base = variants["original"]["cross_entropy"]
     lpr = curve_point("lpr", variants["lpr"])
     bias_ce = interpolate_ce(bias_curve, lpr["gini"])
+    most_balanced = pareto(bias_curve)[0]
     out: dict[str, Any] = {
         "lpr_gini": lpr["gini"],
         "lpr_min_max": lpr["min_max"],
         "lpr_delta_ce_pct": delta_pct(lpr["cross_entropy"], base),
         "bias_delta_ce_pct_at_same_gini": None if bias_ce is None else delta_pct(bias_ce, base),
         "ratio": None,
+        "bias_most_balanced": {
+            "strength": most_balanced.get("strength"),
+            "gini": most_balanced["gini"],
+            "delta_ce_pct": delta_pct(most_balanced["cross_entropy"], base),
+        },
     }
     if bias_ce is None:
-        reach = min(p["gini"] for p in bias_curve)
-        out["note"] = f"the bias baseline reaches no Gini below {reach:.3f} over its strengths: LPR is more balanced"
+        out["note"] = (
+            f"the bias baseline reaches no Gini below {most_balanced['gini']:.3f} over its strengths; at that "
+            f"balance it costs {out['bias_most_balanced']['delta_ce_pct']:+.2f} %"
+        )
     elif bias_ce > base:
         out["ratio"] = (lpr["cross_entropy"] - base) / (bias_ce - base)
     return out

@@ -83,7 +83,7 @@ def measure_variants(cfg: RunConfig, run: RunDir) -> tuple[dict[str, dict], list
                 v.tasks,
                 batch_size=v.eval_batch_size,
                 limit=v.task_limit,
-                max_length=max(cfg.corpus.seq_len, 512),
+                max_length=min(getattr(model.config, "max_position_embeddings", 2048), 2048),
             )
         if name == "original+bias" and v.bias_strengths:
             bias_curve = bias_strength_curve(cfg, model, ids, built.routers, switcher.originals)

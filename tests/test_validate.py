@@ -183,6 +183,9 @@ def test_winner_and_interpolation():
     curve = [{"gini": 0.3, "cross_entropy": 3.9}, {"gini": 0.1, "cross_entropy": 4.0}]
     assert interpolate_ce(curve, 0.2) == pytest.approx(3.95)
     assert interpolate_ce(curve, 0.05) is None
+    # a bias pushed past balance turns back (more uneven and worse): not on the baseline's frontier
+    overshoot = [*curve, {"gini": 0.15, "cross_entropy": 4.05}]
+    assert interpolate_ce(overshoot, 0.12) == pytest.approx(3.99)
 
 
 def choice_loglikelihoods(model, tokenizer, context: str, choices: list[str], max_length: int) -> list[float]:
