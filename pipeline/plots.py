@@ -49,7 +49,7 @@ def load_heatmaps(variants: dict[str, dict]) -> bytes:
         ax.set_title(f"{name}\nslot Gini {variants[name]['mean']['slot']['gini']:.3f}", fontsize=9)
         ax.set_xlabel("expert")
         ax.set_yticks(range(len(load)))
-        ax.set_ylabel("MoE layer")
+    axes[0][0].set_ylabel("MoE layer")
     fig.colorbar(image, ax=axes[0].tolist(), label="load / fair share")
     fig.suptitle("Expert load per layer per variant (held-out top-k slots; 1 = fair share)", fontsize=10, y=1.06)
     return _png(fig)
