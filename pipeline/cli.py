@@ -26,7 +26,7 @@ from pipeline.config import (
     read_yaml,
     to_yaml,
 )
-from pipeline.errors import LprError
+from pipeline.errors import LprError, storage_error
 from pipeline.stage_registry import STAGE_FUNCTIONS
 from storage.rundir import RunDir
 
@@ -414,6 +414,9 @@ def run() -> None:
             sys.exit(err.exit_code)
         if _state["debug"]:
             raise
+        if (mapped := storage_error(err)) is not None:  # a full disk or an unwritable path, however wrapped
+            Console(stderr=True).print(f"[red]error:[/] {mapped}", highlight=False, soft_wrap=True)
+            sys.exit(2)
         first = str(err).splitlines()[0] if str(err) else ""
         Console(stderr=True).print(
             f"[red]error:[/] {type(err).__name__}: {first}. Rerun with --debug for the traceback.",
