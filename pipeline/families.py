@@ -74,15 +74,19 @@ class Family:
     tiny: dict[str, Any] = field(default_factory=dict, compare=False)  # extra config for a tiny test model
 
     def num_experts(self, config: Any) -> int:
-        return int(_setting(config, self.experts))
+        return self._per_model(config, self.experts, "number of experts")
 
     def num_top_k(self, config: Any) -> int:
-        value = _setting(config, self.top_k)
+        return self._per_model(config, self.top_k, "top-k")
+
+    def _per_model(self, config: Any, attribute: str, what: str) -> int:
+        """One value for every MoE layer (HunYuan's config may hold a list, one value per layer)."""
+        value = _setting(config, attribute)
         if isinstance(value, list | tuple):
             if len(set(value)) != 1:
                 raise LprError(
-                    f"{self.name} with a different top-k per layer ({value}) is not supported",
-                    "use a checkpoint with one top-k for every layer",
+                    f"{self.name} with a different {what} per layer ({attribute}={value}) is not supported",
+                    f"use a checkpoint with one {what} for every layer",
                 )
             value = value[0]
         return int(value)

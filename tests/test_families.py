@@ -147,3 +147,14 @@ def test_composite_configs_resolve_to_their_text_model():
     assert composite.model_type == "llama4" and family_of(composite) == "llama4_text"
     spec = spec_for(composite, latent_dim=8)
     assert (spec.hidden_size, spec.num_experts, spec.top_k, spec.returns) == (64, 8, 2, "scores_logits")
+
+
+def test_per_layer_lists_are_one_value_or_a_clear_error():
+    from pipeline.router import spec_for
+    from tests.tiny_families import tiny_config
+
+    same = tiny_config("hunyuan_v1_moe", moe_topk=[2, 2])
+    assert (spec_for(same, latent_dim=4).num_experts, spec_for(same, latent_dim=4).top_k) == (8, 2)
+    mixed = tiny_config("hunyuan_v1_moe", moe_topk=[2, 1])
+    with pytest.raises(LprError, match=r"HunYuan-MoE with a different top-k per layer \(moe_topk=\[2, 1\]\)"):
+        spec_for(mixed, latent_dim=4)
