@@ -256,15 +256,38 @@ def test_served_demo_deployment_runs_every_stage_then_skips(served, server):
     )
 
 
-def test_deploy_command_creates_cron_deployment_in_process_pool(server, tmp_path):
+async def _flow_run_state(flow_run_id):
     from prefect.client.orchestration import get_client
 
+    async with get_client() as client:
+        return (await client.read_flow_run(flow_run_id)).state
+
+
+def _cli(*args: str) -> int:
+    """The console script in this process (its error handling included); returns the exit code."""
+    from pipeline.cli import run
+
+    argv, sys.argv = sys.argv, ["lpr-distill", *args]
+    try:
+        run()
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    finally:
+        sys.argv = argv
+    return 0
+
+
+def test_deploy_command_creates_a_cron_deployment_a_pool_worker_runs(server, tmp_path, monkeypatch, capsys):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from storage.rundir import RunDir
+
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(SMALL_DEMO))
-    cli = Path(sys.executable).parent / "lpr-distill"
-    command = [str(cli), "deploy", "--config", str(config), "--cron", "0 3 * * *", "--pool", "lpr-test"]
-    done = subprocess.run([*command, "--run-dir", "relative/run"], env=os.environ | server["env"], cwd=tmp_path)
-    assert done.returncode == 0
+    config.write_text(yaml.safe_dump(SMALL_DEMO | SMALL_STAGES))
+    monkeypatch.chdir(tmp_path)
+    command = ["deploy", "--config", str(config), "--cron", "0 3 * * *", "--pool", "lpr-test"]
+    assert _cli(*command, "--run-dir", "relative/run") == 0
 
     async def read():
         async with get_client() as client:
@@ -280,13 +303,22 @@ def test_deploy_command_creates_cron_deployment_in_process_pool(server, tmp_path
     assert deployment.parameters["run_dir"] == str(tmp_path / "relative" / "run")  # absolute for the worker
     assert deployment.parameters["config"]["demo"]["num_layers"] == 4
 
-    both = subprocess.run(
-        [*command, "--interval", "60"], env=os.environ | server["env"], cwd=tmp_path, capture_output=True, text=True
-    )
-    assert both.returncode == 2 and "Choose one schedule" in both.stderr
-    no_server = {k: v for k, v in (os.environ | server["env"]).items() if k != "PREFECT_API_URL"}
-    missing = subprocess.run(command, env=no_server, cwd=tmp_path, capture_output=True, text=True)
-    assert missing.returncode == 2 and "PREFECT_API_URL is not set" in missing.stderr
+    # a worker of the pool runs a triggered run (in its own subprocess, from the module entrypoint)
+    flow_run = run_deployment(deployment.id, timeout=0)
+    worker = [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", "lpr-test", "--run-once"]
+    env = os.environ | server["env"] | {"LPR_DISTILL_QUIET": "1"}
+    ran = subprocess.run(worker, env=env, capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    state = asyncio.run(_flow_run_state(flow_run.id))
+    assert state.is_completed(), (state, ran.stdout[-3000:])
+    assert RunDir(str(tmp_path / "relative" / "run")).is_complete("distill")
+
+    capsys.readouterr()
+    assert _cli(*command, "--interval", "60") == 2
+    assert "both --cron and --interval given. Choose one schedule." in capsys.readouterr().err
+    monkeypatch.delenv("PREFECT_API_URL")
+    assert _cli(*command) == 2
+    assert "PREFECT_API_URL is not set" in capsys.readouterr().err
 
 
 # --- in-process flows on the tiny model: CLI parity, Dask, S3, a failing layer -------------------------
