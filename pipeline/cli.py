@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -63,13 +65,29 @@ def resolve_config(
     return build_config(apply_overrides(data, overrides), origin=origin)
 
 
-def _run_stages(stages: list[str], *, run: RunDir, cfg: RunConfig, force: bool) -> None:
+@contextmanager
+def _saving_config(run: RunDir, cfg: RunConfig) -> Iterator[None]:
+    """Save the resolved config as RUN_DIR/config.yaml for the command; if the command fails, put the
+    previous one back, so a rejected command (wrong model, bad value) does not become the run's config."""
     run.ensure()
+    previous = run.read_config()
     run.write_config(to_yaml(cfg))
-    for stage in stages:
-        manifest = STAGE_FUNCTIONS[stage](cfg=cfg, run=run, force=force)
-        if not manifest.skipped:
-            out.print(f"[green]✓[/] {stage} finished in {manifest.seconds:.1f} s")
+    try:
+        yield
+    except Exception:
+        if previous is not None:
+            run.write_config(previous)
+        elif run.fs.exists(run.path("config.yaml")):
+            run.fs.rm(run.path("config.yaml"))
+        raise
+
+
+def _run_stages(stages: list[str], *, run: RunDir, cfg: RunConfig, force: bool) -> None:
+    with _saving_config(run, cfg):
+        for stage in stages:
+            manifest = STAGE_FUNCTIONS[stage](cfg=cfg, run=run, force=force)
+            if not manifest.skipped:
+                out.print(f"[green]✓[/] {stage} finished in {manifest.seconds:.1f} s")
 
 
 @app.command()
@@ -123,10 +141,9 @@ def cluster(
 
     run = RunDir(run_dir)
     cfg = resolve_config(run=run, config=config, sets=set_, flags={"cluster.latent_dim": latent_dim})
-    run.ensure()
-    run.write_config(to_yaml(cfg))
     names = [name for name in layers.split(",") if name.strip()] if layers else None
-    manifest = run_cluster(cfg=cfg, run=run, force=force, layers=names)
+    with _saving_config(run, cfg):
+        manifest = run_cluster(cfg=cfg, run=run, force=force, layers=names)
     if not manifest.skipped:
         out.print(f"[green]✓[/] cluster finished in {manifest.seconds:.1f} s")
     table = Table(title="prototypes per layer")

@@ -22,7 +22,7 @@ from pipeline.kmeans import balanced_kmeans
 from pipeline.latent import fit_basis
 from pipeline.matching import match_clusters
 from pipeline.progress import info, progress_bar
-from pipeline.stages import build_manifest, previous_run
+from pipeline.stages import build_manifest, check_states_model, previous_run
 from storage.layer_files import copy_layer, read_layer_meta
 from storage.prototypes import write_layer
 from storage.rundir import Manifest, RunDir, fingerprint
@@ -157,6 +157,7 @@ def cluster_identity(cfg: RunConfig, run: RunDir) -> tuple[dict[str, Any], dict[
     dump = run.read_manifest("dump")
     if dump is None or not run.is_complete("dump"):
         raise LprError(f"no complete states store in {run.url}", "run `lpr-distill dump RUN_DIR` first")
+    check_states_model(cfg, run)
     config = {"seed": cfg.seed, **cfg.section("cluster")}
     inputs = {"states": dump.fingerprint}
     return config, inputs, fingerprint(config, inputs)

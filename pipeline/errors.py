@@ -19,7 +19,7 @@ class LprError(Exception):
 
 
 _NO_SPACE = {"ENOSPC", "EFBIG", "EDQUOT"}
-_NO_ACCESS = {"EACCES", "EPERM", "EROFS"}
+_NO_ACCESS = {"EACCES", "EPERM", "EROFS", "ENOTDIR", "EISDIR"}  # or a file where a folder should be
 
 
 def storage_error(err: BaseException) -> LprError | None:

@@ -7,6 +7,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pipeline import __version__
+from pipeline.config import RunConfig
+from pipeline.errors import LprError
 from pipeline.progress import info
 from storage.rundir import Manifest, RunDir, fingerprint
 
@@ -50,3 +52,29 @@ def build_manifest(
         finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
         seconds=round(time.time() - started, 3),
     )
+
+
+def check_states_model(cfg: RunConfig, run: RunDir) -> None:
+    """Refuse a states store dumped from another model or revision than the one ``cfg`` names.
+
+    Local checkpoints compare by content hash (a moved directory still matches); hub ids and the
+    demo by name. Cheap: a config and the ends of each weight file, no weights loaded.
+    """
+    from pipeline.models import model_identity
+
+    dump = run.read_manifest("dump")
+    if dump is None:
+        return  # the caller reports the missing dump
+    stored = dump.inputs.get("model", {})
+    dumped_path, dumped_revision = dump.config["model"]["path"], dump.config["model"]["revision"]
+    if cfg.model.path == "demo" or dumped_path == "demo":
+        same = cfg.model.path == dumped_path
+    else:
+        current = model_identity(cfg.model.path, cfg.model.revision)
+        same = current.get("hash", current["model"]) == stored.get("hash", stored.get("model"))
+    if not same or cfg.model.revision != dumped_revision:
+        raise LprError(
+            f"the states store in {run.url} was dumped from model {dumped_path} (revision {dumped_revision}), "
+            f"but the config names {cfg.model.path} (revision {cfg.model.revision})",
+            f"pass the model the run was dumped with (--set model.path={dumped_path}), or dump again with --force",
+        )
