@@ -260,3 +260,18 @@ def test_sweep_distils_each_setting_apart_and_feeds_the_report(distilled):
     manifest = run_validate(cfg=cfg, run=run)
     assert not manifest.skipped
     assert [p["balance"] for p in read_report(run)["lpr_sweep"]] == [0.0, 1.0]
+
+
+@pytest.mark.slow
+def test_cli_validate_prints_the_table_and_errors_in_one_line(distilled, monkeypatch, capsys, tmp_path):
+    from tests.test_cli import assert_one_line_error, invoke
+
+    cfg, run = distilled
+    code, out, err = invoke(monkeypatch, capsys, "validate", run.url, "--variants", "original,lpr", "--tasks", "")
+    assert code == 0, err
+    assert "original" in out and "lpr" in out and "Winner (" in out and "report/report.md" in out
+    assert list(read_report(run)["variants"]) == ["original", "lpr"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = invoke(monkeypatch, capsys, "validate", str(empty), "--set", f"model.path={cfg.model.path}")
+    assert_one_line_error(code, err, "no complete dump")
