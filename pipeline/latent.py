@@ -40,7 +40,11 @@ def fit_basis(blocks: Iterable[torch.Tensor], latent_dim: int) -> LatentBasis:
         x = block.to(torch.float32)
         if not torch.isfinite(x).all():
             bad = int((~torch.isfinite(x).all(dim=1)).sum())
-            raise LprError(f"{bad:,} rows of the states contain NaN or Inf", "redo the dump in a wider dtype")
+            raise LprError(
+                f"{bad:,} rows of the states contain NaN or Inf",
+                "dump again with --force in a wider dtype (--set dump.dtype=float32); if the model itself "
+                "overflows, load it in float32 (--set model.dtype=float32)",
+            )
         total = x.sum(0, dtype=torch.float64) if total is None else total + x.sum(0, dtype=torch.float64)
         gram = (x.T @ x).double()  # float32 products of one block, accumulated in float64
         outer = gram if outer is None else outer + gram

@@ -274,8 +274,15 @@ class StatesReader:
     def read(self, name: str, start: int = 0, stop: int | None = None, *, layer: str | None = None) -> np.ndarray:
         """Committed rows ``[start, stop)`` of a shared array, or of a layer's array when ``layer`` is given."""
         stop = self.num_rows if stop is None else min(stop, self.num_rows)
-        array = self.group[f"{layer}/{name}" if layer else name]
-        return array[start:stop]
+        key = f"{layer}/{name}" if layer else name
+        try:
+            return self.group[key][start:stop]
+        except Exception as err:  # a truncated or overwritten chunk file fails to decode or reshape
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise LprError(
+                f"the states store {self.url} is damaged: {key} rows {start:,}–{stop:,} cannot be read ({first})",
+                "dump again with `lpr-distill dump RUN_DIR --force`",
+            ) from err
 
     def read_x(self, layer: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Router inputs (rows, H) as a tensor of their logical dtype."""
