@@ -17,7 +17,7 @@ from pipeline.families import FAMILIES, UNSUPPORTED, as_triple, family_of
 from pipeline.models import find_routers
 from pipeline.replace import identity_routers, install_routers
 from tests.conftest import build_tiny_tokenizer, make_texts
-from tests.tiny_families import check_end_to_end, check_identity, tiny_model
+from tests.tiny_families import check_end_to_end, check_identity, router_input, tiny_model
 
 ALL = sorted(FAMILIES)
 REQUIRED = {  # the families the product must support (issue 8)
@@ -36,7 +36,7 @@ def test_identity_lpr_reproduces_the_model(family):
     assert result["identity_max_abs_diff"] <= 1e-5, result
     assert result["router_logits_recorded"] == result["routers"] > 0  # output_router_logits still sees them
     assert result["loss_finite"]  # the aux-loss path runs on the LPR's logits
-    assert result["wrong_routing_diff"] > 1e-3  # the comparison can fail: two experts swapped show
+    assert result["wrong_routing_diff"] > 1e-4  # the comparison can fail: two experts swapped show
 
 
 @pytest.mark.parametrize("family", ALL)
@@ -49,7 +49,7 @@ def test_output_contract_and_dtypes_in_bfloat16(family):
         block_args = ()
         if (bias := FAMILIES[family].choice_bias) and bias.startswith("^"):
             block_args = (getattr(model.get_submodule(site.name.rpartition(".")[0]), bias[1:]),)
-        flat = x.reshape(-1, x.shape[-1])
+        flat = router_input(family, x.reshape(-1, x.shape[-1]))
         with torch.no_grad():
             expected = site.module(flat, *block_args)
             got = routers[site.name].to(torch.bfloat16)(flat, *block_args)

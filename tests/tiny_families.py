@@ -209,7 +209,8 @@ def check_end_to_end(family: str, root: Path, tokenizer, corpus: Path) -> dict[s
     for site, layer in zip(sites, reader.layers, strict=True):
         x = reader.read_x(layer).float()
         with torch.no_grad():
-            logits = as_triple(site.module(x, *_block_args(original, site, family)), int(site.module.top_k))[0]
+            output = site.module(router_input(family, x), *_block_args(original, site, family))
+            logits = as_triple(output, int(site.module.top_k))[0]
         stored = reader.read("logits", layer=layer)
         capture_diff = max(capture_diff, float(np.abs(logits.float().numpy() - stored).max()))
     result: dict[str, Any] = {
@@ -251,6 +252,11 @@ def check_end_to_end(family: str, root: Path, tokenizer, corpus: Path) -> dict[s
     result["reload_lpr_diff"] = float((_logits(again, ids).logits - output.logits).abs().max())
     result["seconds"] = round(time.time() - started, 2)
     return result
+
+
+def router_input(family: str, x: torch.Tensor) -> torch.Tensor:
+    """x (T, H) as the family's router receives it: (1, T, H) for routers that take 3-D input (AFMoE)."""
+    return x[None] if "[B, S, H]" in FAMILIES[family].receives else x
 
 
 def _block_args(model, site, family: str) -> tuple:
