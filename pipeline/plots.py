@@ -62,6 +62,7 @@ def gini_per_layer(variants: dict[str, dict]) -> bytes:
     for name, result in variants.items():
         ginis = [layer["slot"]["gini"] for layer in result["layers"]]
         ax.plot(range(len(ginis)), ginis, marker="o", label=name)
+        ax.set_xticks(range(len(ginis)))
     ax.set_xlabel("MoE layer")
     ax.set_ylabel("Gini of expert load (top-k slots)")
     ax.set_ylim(bottom=0)
