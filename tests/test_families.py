@@ -81,6 +81,19 @@ def test_end_to_end(family, tmp_path, tokenizer, tiny_corpus):
     assert result["reload_vs_original_diff"] <= 1e-5 and result["reload_lpr_diff"] <= 1e-5
 
 
+@pytest.mark.slow
+def test_end_to_end_on_a_full_llama4_checkpoint(tmp_path, tokenizer, tiny_corpus):
+    """Released Llama 4 checkpoints are composite (text + vision): the pipeline runs on their text model."""
+    from tests.tiny_families import save_tiny_llama4_checkpoint
+
+    checkpoint = save_tiny_llama4_checkpoint(tmp_path / "model", tokenizer)
+    assert AutoConfig.from_pretrained(checkpoint).model_type == "llama4"
+    result = check_end_to_end("llama4_text", tmp_path, tokenizer, tiny_corpus, checkpoint=checkpoint)
+    assert result["family_attr"] == "llama4_text" and result["lpr_routers"] == result["moe_layers"] == 2
+    assert result["capture_max_abs_diff"] < 2e-3 and torch.isfinite(torch.tensor(result["lpr_loss"]))
+    assert result["reload_lpr_diff"] <= 1e-5
+
+
 def test_model_state_dict_round_trip_with_lpr_routers():
     model = tiny_model("gpt_oss", seed=1)
     install_routers(model, identity_routers(model))

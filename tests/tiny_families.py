@@ -90,6 +90,31 @@ def save_tiny_family(path: Path, family: str, tokenizer, *, seed: int = 0) -> Pa
     return path
 
 
+def save_tiny_llama4_checkpoint(path: Path, tokenizer, *, seed: int = 0) -> Path:
+    """A full Llama 4 checkpoint (composite config, model_type llama4, with a tiny vision tower), as
+    the released ones are; ``AutoModelForCausalLM`` loads its text model."""
+    from transformers import AutoConfig, Llama4ForConditionalGeneration
+
+    ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    text = tiny_config("llama4_text", vocab_size=len(tokenizer), **ids)
+    vision = dict(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        vision_output_dim=32,
+        projector_input_dim=32,
+        projector_output_dim=32,
+        image_size=28,
+        patch_size=14,
+    )
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model("llama4", text_config=text.to_dict(), vision_config=vision)
+    Llama4ForConditionalGeneration(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 # A whole run at toy size: seconds per family. Every stage runs its real code.
 FAST_RUN: dict[str, dict[str, Any]] = {
     "dump": {"max_tokens": 640, "batch_tokens": 128, "chunk_rows": 128},
@@ -167,12 +192,15 @@ def check_identity(family: str) -> dict[str, Any]:
     return result
 
 
-def check_end_to_end(family: str, root: Path, tokenizer, corpus: Path) -> dict[str, Any]:
+def check_end_to_end(
+    family: str, root: Path, tokenizer, corpus: Path, *, checkpoint: Path | None = None
+) -> dict[str, Any]:
     """dump → cluster → distill → export → ``load_lpr_model`` on a tiny checkpoint of ``family``.
 
     Returns what was checked: capture fidelity (the router recomputed on stored x gives the stored
     logits), the LPR model's routing contract (indices in [0, E), k weights), router logits still
     recorded, a finite aux loss, and the save_pretrained → from_pretrained round trip.
+    ``checkpoint``: a saved model of ``family`` to use instead of a fresh tiny one.
     """
     import time
 
@@ -192,7 +220,7 @@ def check_end_to_end(family: str, root: Path, tokenizer, corpus: Path) -> dict[s
     from storage.states import StatesReader
 
     started = time.time()
-    model_path = save_tiny_family(root / "model", family, tokenizer)
+    model_path = checkpoint or save_tiny_family(root / "model", family, tokenizer)
     sections = {"model": {"path": str(model_path)}, "corpus": {"source": str(corpus), "seq_len": 32}} | FAST_RUN
     for section, values in RUN_OVERRIDES.get(family, {}).items():
         sections[section] = sections[section] | values
