@@ -30,6 +30,7 @@ class LayerStage:
 
     identity: Identity
     run_layer: LayerWork  # (cfg, run, layer, fingerprint, force) -> {"layer", "reused", "summary"}
+    check: Callable[[RunConfig, StatesReader], Any] = lambda cfg, reader: None  # config errors before fan-out
 
 
 @dataclass(frozen=True)
@@ -47,10 +48,12 @@ def plan_stage(stage: str, cfg: RunConfig, run: RunDir, *, force: bool) -> Layer
     When the stage must run, ``previous_run`` forgets it and every later stage first, so nothing
     downstream looks complete while its inputs are redone.
     """
-    _, _, fp = LAYER_STAGES[stage].identity(cfg, run)
+    spec = LAYER_STAGES[stage]
+    _, _, fp = spec.identity(cfg, run)
     if previous_run(run, stage, fp, force=force) is not None:
         return LayerPlan(skip=True, fingerprint=fp)
     reader = StatesReader(run.url_of(run.output_path("dump")), run.storage_options)
+    spec.check(cfg, reader)  # one error from the plan, not the same error from every layer task
     return LayerPlan(skip=False, fingerprint=fp, layers=tuple(reader.layers))
 
 
@@ -86,6 +89,6 @@ def distill_one(cfg: RunConfig, run: RunDir, layer: str, fp: str, force: bool) -
 
 
 LAYER_STAGES: dict[str, LayerStage] = {
-    "cluster": LayerStage(identity=cluster.cluster_identity, run_layer=cluster_one),
+    "cluster": LayerStage(identity=cluster.cluster_identity, run_layer=cluster_one, check=cluster.check_cluster_inputs),
     "distill": LayerStage(identity=_distill_identity, run_layer=distill_one),
 }

@@ -446,3 +446,35 @@ def test_failing_layer_fails_its_task_and_a_rerun_resumes(server, flow_run, tmp_
     ]
     assert (Path(run.output_path("cluster")) / "layer_000.json").read_text() == done_meta  # not redone
     assert_same_run(flow_run[0], run)
+
+
+def test_config_error_fails_the_plan_at_once_without_layer_tasks(server, flow_run, tmp_path, tiny_model, tiny_corpus):
+    """An LprError (here cluster.latent_dim > hidden size 32) is not retried and stops before the fan-out."""
+    import shutil
+
+    from flows.lpr_flow import lpr_distill
+
+    shutil.copytree(flow_run[0].url, tmp_path / "run")  # dump done: the rerun skips it
+    cfg = _cfg(tiny_model, tiny_corpus, cluster=SMALL_STAGES["cluster"] | {"latent_dim": 1000})
+    state = lpr_distill(cfg.model_dump(mode="json"), str(tmp_path / "run"), return_state=True)
+    assert state.is_failed()
+    runs = {tr.name: tr for tr in asyncio.run(_task_runs(state.state_details.flow_run_id))}
+    assert runs["dump"].state.is_completed()
+    assert runs["cluster-plan"].state.is_failed() and runs["cluster-plan"].run_count == 1
+    assert not [name for name in runs if "-layer_" in name]
+    with pytest.raises(Exception, match=r"cluster.latent_dim=1000 should be ≤ the hidden size 32"):
+        state.result()
+
+
+def test_force_redoes_every_stage_and_layer_with_the_same_outputs(server, flow_run, tmp_path, tiny_model, tiny_corpus):
+    import shutil
+
+    from flows.lpr_flow import run_flow
+    from storage.rundir import RunDir
+
+    shutil.copytree(flow_run[0].url, tmp_path / "run")
+    results = run_flow(_cfg(tiny_model, tiny_corpus), str(tmp_path / "run"), force=True)
+    assert not any(result["skipped"] for result in results.values())
+    for stage in ("cluster", "distill"):
+        assert not any(layer["reused"] for layer in results[stage]["layer_results"])
+    assert_same_run(flow_run[0], RunDir(str(tmp_path / "run")))
