@@ -419,6 +419,19 @@ def text_config(config: Any) -> Any:
     return inner if getattr(inner, "model_type", None) in FAMILIES else config
 
 
+def family_of_router(router: nn.Module) -> Family:
+    """The family of a router module, from the transformers module that defines its class."""
+    cls = next((c for c in type(router).__mro__ if c.__module__.startswith("transformers.models.")), None)
+    folder = cls.__module__.split(".")[2] if cls is not None else None
+    for key in (folder, f"{folder}_text"):
+        if key in FAMILIES:
+            return FAMILIES[key]
+    raise LprError(
+        f"router class {type(router).__name__} belongs to no supported family",
+        f"supported families: {_supported()}",
+    )
+
+
 def family_of(config: Any) -> str:
     """The family key of a transformers config; a one-line error for families not in the table."""
     model_type = getattr(text_config(config), "model_type", None)

@@ -215,7 +215,7 @@ def spec_for(config: object, *, latent_dim: int, similarity: Similarity = "cosin
 
 
 def identity_router(
-    gate_weight: torch.Tensor,
+    gate_weight: torch.Tensor | nn.Module,
     spec: RouterSpec,
     *,
     logit_bias: torch.Tensor | None = None,
@@ -225,8 +225,17 @@ def identity_router(
 
     ``logit_bias`` (E,) (GPT-OSS's gate bias) becomes one more latent dimension: the encoder appends
     a constant 1 and the prototypes the bias, so ``z·p_e = x·w_e + b_e``. ``choice_bias`` (E,)
-    (DeepSeek-V3's e_score_correction_bias) is the router's choice bias.
+    (DeepSeek-V3's e_score_correction_bias) is the router's choice bias. Given the original router
+    module instead of its weight, all three are read from it (a bias that its MoE block holds is
+    not: ``pipeline.replace.identity_routers`` reads those too).
     """
+    if isinstance(gate_weight, nn.Module):
+        from pipeline.families import family_of_router
+
+        weight, found_logit_bias, found_choice_bias = family_of_router(gate_weight).gate_tensors(gate_weight, None)
+        logit_bias = found_logit_bias if logit_bias is None else logit_bias
+        choice_bias = found_choice_bias if choice_bias is None else choice_bias
+        gate_weight = weight
     hidden = spec.hidden_size
     if logit_bias is not None:
         spec = replace(spec, latent_dim=hidden + 1, similarity="dot")

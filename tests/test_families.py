@@ -171,3 +171,26 @@ def test_per_layer_lists_are_one_value_or_a_clear_error():
     mixed = tiny_config("hunyuan_v1_moe", moe_topk=[2, 1])
     with pytest.raises(LprError, match=r"HunYuan-MoE with a different top-k per layer \(moe_topk=\[2, 1\]\)"):
         spec_for(mixed, latent_dim=4)
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3", "hunyuan_v1_moe", "llama4_text"])
+def test_identity_router_from_the_router_module(family):
+    """identity_router(router module, spec) reads the gate weight and the router's own biases."""
+    from pipeline.router import identity_router, spec_for
+    from tests.tiny_families import perturb_gates
+
+    model = tiny_model(family, seed=4)
+    perturb_gates(model, family)
+    spec = spec_for(model.config, latent_dim=model.config.hidden_size, similarity="dot")
+    x = torch.randn(100, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    for site in find_routers(model):
+        with torch.no_grad():
+            expected = site.module(router_input(family, x))
+            got = identity_router(site.module, spec)(x)
+        assert len(got) == len(expected)
+        mine, theirs = as_triple(got, spec.top_k), as_triple(expected, spec.top_k)
+        torch.testing.assert_close(mine[0], theirs[0].reshape(mine[0].shape), rtol=0, atol=1e-5)
+        (w, i), (w_ref, i_ref) = mine[1:], (t.reshape(mine[1].shape) for t in theirs[1:])
+        order, order_ref = i.argsort(-1), i_ref.argsort(-1)  # the same experts, in any order
+        assert torch.equal(i.gather(-1, order), i_ref.gather(-1, order_ref))
+        torch.testing.assert_close(w.gather(-1, order), w_ref.gather(-1, order_ref), atol=1e-6, rtol=0)
