@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from storage.rundir import RunDir
+from storage.rundir import RunDir, safe_name
 
 
 def write_layer_files(run: RunDir, directory: str, layer: str, blob: bytes, meta: dict[str, Any]) -> None:
     """Write a layer's safetensors bytes (temp file + rename), then its JSON (last: it marks the layer complete)."""
     run.fs.makedirs(directory, exist_ok=True)
-    path = f"{directory}/{layer}.safetensors"
+    path = f"{directory}/{safe_name(layer, 'layer')}.safetensors"
     with run.fs.open(path + ".tmp", "wb") as handle:
         handle.write(blob)
     run.fs.mv(path + ".tmp", path)
@@ -25,7 +25,7 @@ def write_layer_files(run: RunDir, directory: str, layer: str, blob: bytes, meta
 
 def read_layer_meta(run: RunDir, directory: str, layer: str) -> dict[str, Any] | None:
     """A layer's JSON, or None when it is missing or damaged (the layer is not complete)."""
-    text = run.read_text(f"{directory}/{layer}.json")
+    text = run.read_text(f"{directory}/{safe_name(layer, 'layer')}.json")
     if text is None:
         return None
     try:
@@ -35,11 +35,12 @@ def read_layer_meta(run: RunDir, directory: str, layer: str) -> dict[str, Any] |
 
 
 def read_layer_blob(run: RunDir, directory: str, layer: str) -> bytes:
-    with run.fs.open(f"{directory}/{layer}.safetensors", "rb") as handle:
+    with run.fs.open(f"{directory}/{safe_name(layer, 'layer')}.safetensors", "rb") as handle:
         return handle.read()
 
 
 def copy_layer(run: RunDir, source: str, target: str, layer: str) -> None:
     run.fs.makedirs(target, exist_ok=True)
+    safe_name(layer, "layer")
     run.fs.copy(f"{source}/{layer}.safetensors", f"{target}/{layer}.safetensors")
     run.fs.copy(f"{source}/{layer}.json", f"{target}/{layer}.json")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import LprError
@@ -52,4 +53,10 @@ def read_routers(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
         raise LprError(f"{config_path} is not valid JSON", "export the routers again") from None
     if config.get("format") != FORMAT or config.get("version") != FORMAT_VERSION:
         raise LprError(f"{directory} is not an lpr-distill routers export of version {FORMAT_VERSION}", "export again")
-    return load_file(str(directory / "routers.safetensors")), config
+    try:
+        tensors = load_file(str(directory / "routers.safetensors"))
+    except (OSError, SafetensorError) as err:
+        raise LprError(
+            f"{directory / 'routers.safetensors'} is missing or not a valid safetensors file ({err})", "export again"
+        ) from None
+    return tensors, config

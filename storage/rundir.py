@@ -40,6 +40,19 @@ STAGES = tuple(STAGE_OUTPUTS)
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
+def safe_name(name: str, what: str = "name") -> str:
+    """``name`` if it is one plain path component (letters, digits, ``_ . -``; not ``.`` or ``..``).
+
+    Every name that comes from data rather than from this code (a layer name read from a states
+    store or a manifest, a stage's output name) goes through here before it becomes part of a
+    path, so that no crafted store, manifest or URL can make a stage read or write outside the
+    run directory: no ``/`` or ``\\``, no ``..``, no absolute path, no URL scheme.
+    """
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or name in (".", ".."):
+        raise LprError(f"{what} {name!r} is not a safe name inside the run directory", "use letters, digits, _ . -")
+    return name
+
+
 class Manifest(BaseModel):
     """What a completed stage did: enough to decide whether a rerun can be skipped."""
 
@@ -76,10 +89,7 @@ class RunDir:
     # --- paths -----------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
         """A path inside the run directory; names must be plain (no '/', '..') so nothing escapes it."""
-        for part in parts:
-            if not _SAFE_NAME.match(part) or part in (".", ".."):
-                raise LprError(f"'{part}' is not a safe name inside the run directory", "use letters, digits, _ . -")
-        return posixpath.join(self.root, *parts)
+        return posixpath.join(self.root, *(safe_name(part) for part in parts))
 
     def url_of(self, path: str) -> str:
         """The fsspec URL of a path returned by ``path`` (what zarr and other readers open)."""

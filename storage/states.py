@@ -38,6 +38,7 @@ from zarr.core.sync import _get_loop as zarr_loop
 from zarr.core.sync import sync
 
 from pipeline.errors import LprError
+from storage.rundir import safe_name
 
 FORMAT_VERSION = 1
 SHARED_ARRAYS = {"token_id": np.int32, "doc_id": np.int64, "position": np.int32}
@@ -265,7 +266,8 @@ class StatesReader:
         self.attrs = dict(self.group.attrs)
         if self.attrs.get("format_version") != FORMAT_VERSION:
             raise LprError(f"{url} is not a states store of this version", "rerun `lpr-distill dump RUN_DIR --force`")
-        self.layers: list[str] = list(self.attrs["layers"])
+        # layer names become file names downstream (prototypes/<layer>.safetensors): plain names only
+        self.layers: list[str] = [safe_name(layer, "layer") for layer in self.attrs["layers"]]
 
     @property
     def num_rows(self) -> int:
