@@ -227,7 +227,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise LprError(f"override '{text}' is not KEY=VALUE", "write e.g. --set dump.max_tokens=100000")
-    return key.strip().split("."), yaml.safe_load(value)
+    try:
+        parsed = yaml.safe_load(value)
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise LprError(f"override '{text}' has a value that is not valid YAML ({first})", "quote the value") from None
+    return key.strip().split("."), parsed
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[tuple[list[str], Any]]) -> dict[str, Any]:
@@ -259,7 +264,7 @@ def parse_yaml(text: str, *, origin: str) -> dict[str, Any]:
     """A config's sections from YAML text (a file's, or a run directory's config.yaml at any URL)."""
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as err:  # e.g. a date like 2001-02-30
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise LprError(f"config file {origin} is not valid YAML ({first})", "fix the file's syntax") from None
     if data is None:

@@ -82,6 +82,10 @@ def _read_jsonl(fs: fsspec.AbstractFileSystem, path: str, field: str) -> Iterato
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise LprError(f"{path}:{lineno} is not valid JSON ({err.msg})", "fix or drop that line") from None
+            except RecursionError:
+                raise LprError(
+                    f"{path}:{lineno} is nested too deeply to read as JSON", "fix or drop that line"
+                ) from None
             if not isinstance(row, dict) or field not in row:
                 raise LprError(
                     f"{path}:{lineno} has no field '{field}'",
@@ -89,7 +93,20 @@ def _read_jsonl(fs: fsspec.AbstractFileSystem, path: str, field: str) -> Iterato
                 )
             if not isinstance(row[field], str):
                 raise LprError(f"{path}:{lineno} field '{field}' is not a string", "point corpus.text_field at text")
+            if not _encodable(row[field]):  # a JSON escape like "\ud800" decodes to half a character
+                raise LprError(
+                    f"{path}:{lineno} field '{field}' holds an unpaired surrogate (an escape like \\ud800)",
+                    "fix or drop that line",
+                )
             yield Document(name=f"{path}:{lineno}", text=row[field])
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _missing_column(where: str, field: str, columns: list[str]) -> LprError:
@@ -100,12 +117,25 @@ def _missing_column(where: str, field: str, columns: list[str]) -> LprError:
 
 
 def _read_parquet(fs: fsspec.AbstractFileSystem, path: str, field: str) -> Iterator[Document]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     with fs.open(path, "rb") as handle:
-        parquet = pq.ParquetFile(handle)
+        try:
+            parquet = pq.ParquetFile(handle)
+        except (pa.ArrowException, OSError) as err:
+            raise LprError(
+                f"corpus file {path} is not a readable Parquet file ({str(err).splitlines()[0]})",
+                "pass a Parquet file, or set corpus.format to the file's real format",
+            ) from None
         if field not in parquet.schema_arrow.names:
             raise _missing_column(path, field, parquet.schema_arrow.names)
+        kind = parquet.schema_arrow.field(field).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise LprError(
+                f"{path} column '{field}' holds {kind}, not text",
+                "set corpus.text_field (--text-field) to a text column",
+            )
         row = 0
         for batch in parquet.iter_batches(columns=[field], batch_size=1024):
             for text in batch.column(0).to_pylist():
