@@ -1,7 +1,8 @@
 """Exported routers: ``routers.safetensors`` + ``routers.json`` + ``README.md`` in one directory.
 
-The directory is written under a temporary name and renamed into place, so a reader never sees
-half of it. Only safetensors and JSON are read back (no pickle).
+The directory is written under a temporary name (``<out>.partial``) and renamed into place (an
+earlier export is renamed away first), so a reader never sees half of it. Only safetensors and
+JSON are read back (no pickle).
 """
 
 from __future__ import annotations
@@ -33,9 +34,16 @@ def write_routers(out: str | Path, tensors: dict[str, torch.Tensor], config: dic
         save_file(plain, str(tmp / "routers.safetensors"))
         (tmp / "routers.json").write_text(json.dumps({"format": FORMAT, "version": FORMAT_VERSION} | config, indent=2))
         (tmp / "README.md").write_text(card)
+        # swap by renames only: ``out`` is at every moment the old export, absent, or the new one —
+        # never half deleted (a kill during rmtree(out) would leave a directory that looks complete)
+        old = out.with_name(out.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
         if out.exists():
-            shutil.rmtree(out)
+            out.rename(old)
         tmp.rename(out)
+        if old.exists():
+            shutil.rmtree(old)
     except PermissionError:
         raise LprError(f"cannot write {out}", "choose an --out directory you can write to") from None
     return out
