@@ -262,20 +262,27 @@ def iter_packed(
 
 
 def sample_sequences(
-    cfg: CorpusConfig, tokenizer, *, count: int, seed: int, split: Literal["train", "heldout"] = "train"
+    cfg: CorpusConfig,
+    tokenizer,
+    *,
+    count: int,
+    minimum: int,
+    seed: int,
+    split: Literal["train", "heldout"] = "train",
 ) -> np.ndarray:
-    """``count`` full sequences (count, seq_len) int64 drawn at random from one side of the split.
+    """Up to ``count`` full sequences (n, seq_len) int64 drawn at random from one side of the split,
+    in random order; raises when the corpus has fewer than ``minimum``.
 
-    In random order. The pool is the first ``4 · count`` full sequences of that side (bounded work on
-    a huge corpus), so the draw spans many documents; raises when the corpus has fewer than ``count``.
+    The pool is the first ``4 · count`` full sequences of that side (bounded work on a huge corpus),
+    so the draw spans many documents.
     """
     docs = split_documents(iter_documents(cfg), split=split, heldout_fraction=cfg.heldout_fraction)
     packed = iter_packed(docs, tokenizer=tokenizer, seq_len=cfg.seq_len, max_tokens=None)
     pool = [s.ids for s in itertools.islice(packed, 4 * count) if len(s.ids) == cfg.seq_len]
-    if len(pool) < count:
+    if len(pool) < minimum:
         raise LprError(
-            f"the corpus has {len(pool)} full {split} sequences of {cfg.seq_len} tokens, {count} are needed",
-            "use a larger corpus, a shorter corpus.seq_len, or fewer distill.model_* / calibration sequences",
+            f"the corpus has {len(pool)} full {split} sequences of {cfg.seq_len} tokens, at least {minimum} are needed",
+            "use a larger corpus, a shorter corpus.seq_len, or fewer distill.calibration_sequences / model_* sequences",
         )
-    picked = np.random.default_rng(seed).choice(len(pool), size=count, replace=False)
+    picked = np.random.default_rng(seed).choice(len(pool), size=min(count, len(pool)), replace=False)
     return np.stack([pool[i] for i in picked])

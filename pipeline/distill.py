@@ -175,12 +175,10 @@ def run_distill(*, cfg: RunConfig, run: RunDir, force: bool = False) -> Manifest
     if (done := previous_run(run, STAGE, fp, force=force)) is not None:
         return done.model_copy(update={"skipped": True})
     reader = StatesReader(run.url_of(run.output_path("dump")), run.storage_options)
-    gate_dir = gate_path(run)
     summary = {}
     for layer in reader.layers:
-        done = read_layer_meta(run, gate_dir, layer)
-        if done is not None and done.get("fingerprint") == fp:
-            summary[layer] = done["summary"]
+        if (done := finished_layer(run, layer, fp)) is not None:
+            summary[layer] = done
             info(f"[bold]distill[/] {layer}: gate-level router reused (already done with this config)")
             continue
         summary[layer] = distill_one(cfg=cfg, run=run, reader=reader, layer=layer, fp=fp, model_config=model_config)
@@ -251,17 +249,19 @@ def distill_model_level(*, cfg: RunConfig, run: RunDir, layers: list[str], fp: s
         router = LatentPrototypeRouter(RouterSpec(**meta["spec"]))
         router.load_state_dict(state, strict=True)
         routers[meta["module"]], metas[meta["module"]] = router, meta
-    train_count = d.model_steps * d.model_batch_sequences
-    ids = torch.from_numpy(
-        sample_sequences(
-            cfg.corpus,
-            tokenizer,
-            count=d.calibration_sequences + d.model_val_sequences + train_count,
-            seed=cfg.seed + 2000,
-        )
+    held_apart = d.calibration_sequences + d.model_val_sequences
+    needed = held_apart + (d.model_batch_sequences if d.model_steps > 0 else 0)
+    ids = sample_sequences(
+        cfg.corpus,
+        tokenizer,
+        count=held_apart + d.model_steps * d.model_batch_sequences,
+        minimum=needed,
+        seed=cfg.seed + 2000,
     )
-    calibration, val, train = torch.split(ids, [d.calibration_sequences, d.model_val_sequences, train_count])
-    stats: dict[str, Any] = {"steps": d.model_steps, "train_tokens": int(train.numel())}
+    ids = torch.from_numpy(ids)
+    calibration, val = ids[: d.calibration_sequences], ids[d.calibration_sequences : held_apart]
+    train = ids[held_apart:]
+    stats: dict[str, Any] = {"steps": d.model_steps, "train_sequences": len(train), "seq_len": cfg.corpus.seq_len}
     if d.model_steps > 0:
         result = distill_in_model(model, routers, train, val, d, seed=cfg.seed)
         stats |= {key: result[key] for key in ("best", "seconds", "tokens_per_second")}

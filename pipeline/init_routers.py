@@ -74,15 +74,15 @@ def calibrate_bias(router: LatentPrototypeRouter, z: torch.Tensor) -> dict[str, 
     """Set the choice bias so that the top-k slots of the latents z (n, d) are balanced (up to near-ties)."""
     with torch.no_grad():
         router.bias.zero_()
-        probs = torch.softmax(router.latent_scores(z).float(), dim=-1).numpy()
+        scores = router.choice_scores(router.latent_scores(z)).numpy()  # what the family ranks experts by
     k = router.spec.top_k
-    scale = float(np.abs(probs).mean()) or 1.0
+    scale = float(np.abs(scores).mean()) or 1.0
     schedule = [scale * 0.1 / 5**t for t in range(6)] + [scale * 1e-6]
-    _, prices, _ = auction(-probs, kp=k, prices=np.zeros(probs.shape[1]), eps_schedule=schedule)
+    _, prices, _ = auction(-scores, kp=k, prices=np.zeros(scores.shape[1]), eps_schedule=schedule)
     with torch.no_grad():
         router.bias.copy_(torch.from_numpy(-(prices - prices.mean())).float())
         _, indices = router.route(router.latent_scores(z))
-    slots = np.bincount(indices.numpy().reshape(-1), minlength=probs.shape[1])
+    slots = np.bincount(indices.numpy().reshape(-1), minlength=scores.shape[1])
     return {"calibration_rows": int(z.shape[0]), "slots_min": int(slots.min()), "slots_max": int(slots.max())}
 
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from pipeline.config import DistillConfig
 from pipeline.distill import sinkhorn_balance
+from pipeline.families import as_triple
 from pipeline.metrics import gini
 from pipeline.models import find_routers
 from pipeline.progress import progress_bar
@@ -56,17 +57,41 @@ def sequence_balance_loss(router_logits: torch.Tensor, sequences: int, iteration
     return (target * (target.clamp_min(1e-12).log() - log_probs)).sum(-1).mean()
 
 
-class RouterTaps:
-    """Forward hooks that keep each router's latest logits (T, E) and indices (T, k), gradient intact."""
+def with_candidates(
+    router: LatentPrototypeRouter, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, extra: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The router's output with ``extra`` more experts per token (the next-best by the same choice
+    rule) whose weights are zero in value but carry the gradient of their probability (straight
+    through): the model's output is unchanged, and the loss now tells the router, for each runner-up
+    expert, how much routing more of the token to it would help — the signal a top-k choice alone
+    does not give. logits (T, E), weights / indices (T, k) → weights / indices (T, k + extra)."""
+    scores = router.choice_scores(logits)  # what the family ranks experts by (probabilities, sigmoid, logits)
+    ranked = torch.topk(scores.detach() + router.bias.float(), indices.shape[1] + extra, dim=-1).indices
+    runners_up = ranked[:, indices.shape[1] :]
+    scale = scores.detach().gather(-1, indices).sum(-1, keepdim=True) if router.spec.renormalize else 1.0
+    extra_scores = scores.gather(-1, runners_up)
+    straight_through = (extra_scores - extra_scores.detach()) / scale
+    return logits, torch.cat([weights, straight_through.to(weights.dtype)], -1), torch.cat([indices, runners_up], -1)
 
-    def __init__(self, routers: dict[str, LatentPrototypeRouter]) -> None:
+
+class RouterTaps:
+    """Forward hooks that keep each router's latest logits (T, E) and indices (T, k), gradient intact;
+    with ``candidates`` > 0 and gradients on, each router also hands the experts that many runner-up
+    experts with straight-through zero weights (see ``with_candidates``)."""
+
+    def __init__(self, routers: dict[str, LatentPrototypeRouter], candidates: int = 0) -> None:
         self.logits: dict[str, torch.Tensor] = {}
         self.indices: dict[str, torch.Tensor] = {}
+        self.candidates = candidates
         self._handles = [router.register_forward_hook(self._hook(name)) for name, router in routers.items()]
 
     def _hook(self, name: str) -> Callable:
-        def keep(module: nn.Module, args: tuple, output: tuple) -> None:
-            self.logits[name], self.indices[name] = output[0], output[2]
+        def keep(module: nn.Module, args: tuple, output: tuple) -> tuple | None:
+            logits, weights, indices = as_triple(output, module.top_k)
+            self.logits[name], self.indices[name] = logits, indices
+            if self.candidates > 0 and torch.is_grad_enabled() and len(output) == 3:  # not Llama 4's dense scores
+                return with_candidates(module, logits, weights, indices, self.candidates)
+            return None
 
         return keep
 
@@ -120,9 +145,9 @@ def distill_in_model(
     seed: int,
 ) -> dict[str, Any]:
     """Train ``routers`` (keyed by router module name) in place inside ``model`` on the sequences
-    train (model_steps · model_batch_sequences, S), each seen once; keep the parameters of the best
-    step on val (m, S) by KL + model_balance · balance. ``model`` holds its original routers on entry
-    and on return."""
+    train (n, S), batch after batch, each seen once when n ≥ model_steps · model_batch_sequences;
+    keep the parameters of the best step on val (m, S) by KL + model_balance · balance. ``model``
+    holds its original routers on entry and on return."""
     originals = {site.name: site.module for site in find_routers(model)}
     device = next(model.parameters()).device
     frozen = [p for p in model.parameters() if p.requires_grad]
@@ -134,7 +159,7 @@ def distill_in_model(
     params = [p for router in routers.values() for p in router.parameters()]
     for parameter in params:
         parameter.requires_grad_(True)
-    taps = RouterTaps(routers)
+    taps = RouterTaps(routers, cfg.model_candidates)
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(params, lr=cfg.model_lr, weight_decay=cfg.weight_decay)
     steps = cfg.model_steps
@@ -147,7 +172,8 @@ def distill_in_model(
         history = [dict(best)]
         with progress_bar("distill in the model", steps) as bar:
             for step in range(1, steps + 1):
-                ids = train[(step - 1) * batch : step * batch].to(device)  # every sequence once
+                start = (step - 1) * batch  # every sequence once, then again (a small corpus) in the same order
+                ids = train[torch.arange(start, start + batch) % len(train)].to(device)
                 kl, balance = _losses(model, originals, routers, taps, ids, cfg.sinkhorn_iterations)
                 loss = kl + cfg.model_balance * balance
                 optimizer.zero_grad(set_to_none=True)
