@@ -73,6 +73,7 @@ def test_killed_dump_resumes_to_the_same_store(tmp_path, tiny_model, tiny_corpus
         assert 0 < _committed(partial) < total
     subprocess.run(_cli("dump", str(crashed), "--config", str(config)), check=True, env=env)
     assert kills == 2 and _status(crashed)["stages"]["dump"]["complete"]
+    print(json.dumps({"kill_points": {"dump": kills}}))  # -s shows it; issue 9 counts them across stages
     _assert_equal_stores(reference / "states.zarr", crashed / "states.zarr")
     manifest = json.loads((crashed / "manifests" / "dump.json").read_text())
     assert 0 < manifest["stats"]["resumed_from_row"] < total

@@ -84,6 +84,7 @@ def test_killed_stage_reruns_to_the_same_output(tmp_path, dumped, stage):
     subprocess.run(_cli(stage, str(crashed), "--config", str(config)), check=True, env=env)
     assert _complete(crashed, stage)
     assert kills >= 1
+    print(json.dumps({"kill_points": {stage: kills}}))  # -s shows it; issue 9 counts them across stages
     _assert_same(reference / STAGE_OUTPUT[stage], crashed / STAGE_OUTPUT[stage])
 
 
