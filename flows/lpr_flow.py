@@ -9,6 +9,7 @@ stage and creates no layer tasks.
 
 from __future__ import annotations
 
+import time
 from contextlib import ExitStack
 from typing import Any
 
@@ -45,6 +46,7 @@ def lpr_distill(
             if stage not in LAYER_STAGES:
                 results[stage] = tasks.stage_task.with_options(**retry)(stage=stage, force=force, **common)
                 continue
+            started = time.time()
             plan = tasks.plan_task.with_options(**retry)(stage=stage, force=force, **common)
             if plan["skip"]:
                 results[stage] = {"stage": stage, "skipped": True, "finished_at": "", "seconds": 0.0, "stats": {}}
@@ -66,7 +68,7 @@ def lpr_distill(
             )
             wait(futures)  # every layer finishes (or fails) before anything raises: finished layers are kept
             layer_results = [future.result() for future in futures]
-            results[stage] = tasks.commit_task.with_options(**retry)(stage=stage, **common)
+            results[stage] = tasks.commit_task.with_options(**retry)(stage=stage, started=started, **common)
             results[stage]["layer_results"] = layer_results
     publish(tasks.open_run(run_dir, storage_options), results)
     ran = [stage for stage, result in results.items() if not result["skipped"]]

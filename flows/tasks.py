@@ -8,6 +8,8 @@ directory URL), so the tasks run the same in threads and on Dask workers.
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 from prefect import Task, task
@@ -97,9 +99,24 @@ def layer_task(
 
 
 @task(name="commit", task_run_name="{stage}-commit", **_options)
-def commit_task(stage: str, cfg: RunConfig, run_dir: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
-    """The stage's own ``run_<stage>``: reuses every layer the fan-out wrote, writes the manifest last."""
-    manifest = STAGE_FUNCTIONS[stage](cfg=cfg, run=open_run(run_dir, storage_options), force=False)
+def commit_task(
+    stage: str, cfg: RunConfig, run_dir: str, storage_options: dict[str, Any] | None, started: float
+) -> dict[str, Any]:
+    """The stage's own ``run_<stage>``: reuses every layer the fan-out wrote, writes the manifest last.
+
+    Its manifest times only this call; it is rewritten (atomically, still last) with ``started`` —
+    when the stage's plan began — so `lpr-distill status` shows the stage's wall time, fan-out included.
+    """
+    run = open_run(run_dir, storage_options)
+    manifest = STAGE_FUNCTIONS[stage](cfg=cfg, run=run, force=False)
+    if not manifest.skipped:
+        manifest = manifest.model_copy(
+            update={
+                "started_at": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
+                "seconds": round(time.time() - started, 3),
+            }
+        )
+        run.write_text(run.manifest_path(stage), manifest.model_dump_json(indent=2))
     _say(stage, manifest)
     return outcome(stage, manifest)
 
