@@ -17,6 +17,7 @@ from pipeline.models import find_routers, load_config, resolve_model_path
 from pipeline.progress import info
 from pipeline.replace import install_routers
 from pipeline.router import LatentPrototypeRouter, RouterSpec, spec_for
+from pipeline.stages import check_states_model
 from storage.routers import read_routers, write_routers
 from storage.routers_store import read_layer_router
 from storage.rundir import RunDir
@@ -161,6 +162,7 @@ def distilled_routers(run: RunDir) -> tuple[dict[str, LatentPrototypeRouter], di
 
 def run_export(*, cfg: RunConfig, run: RunDir, out: str | Path) -> Path:
     """Export the distilled routers to ``out``."""
+    check_states_model(cfg, run)
     routers, metrics = distilled_routers(run)
     path = export_routers(routers, out, cfg=cfg, kind="lpr", metrics=metrics)
     info(f"[bold]export[/]: {len(routers)} distilled LPR routers → {path}")
@@ -169,6 +171,7 @@ def run_export(*, cfg: RunConfig, run: RunDir, out: str | Path) -> Path:
 
 def run_export_init(*, cfg: RunConfig, run: RunDir, out: str | Path) -> Path:
     """Export LPR-init routers (from the cluster stage, calibrated) to ``out``."""
+    check_states_model(cfg, run)
     routers, metrics = build_init_routers(cfg, run)
     path = export_routers(routers, out, cfg=cfg, kind="lpr-init", metrics=metrics)
     info(f"[bold]export[/]: {len(routers)} LPR-init routers → {path}")

@@ -332,23 +332,29 @@ def test_config_impossible_value_on_its_own(monkeypatch, capsys, tmp_path):
 # --- the states store -----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("command", ["cluster", "export"])
 @pytest.mark.parametrize("change", ["model", "revision"])
-def test_states_from_another_model(monkeypatch, capsys, tmp_path, run_copy, tiny_model, change):
-    """A store dumped from one checkpoint, clustered with a config naming another (same shapes) or another revision."""
+def test_states_from_another_model(monkeypatch, capsys, tmp_path, run_copy, tiny_model, change, command):
+    """A store dumped from one checkpoint, then clustered or exported with a config naming another
+    checkpoint (same architecture, other weights) or another revision."""
     if change == "model":
-        other = save_tiny_moe(tmp_path / "other", seed=1)  # same architecture, other weights
+        other = save_tiny_moe(tmp_path / "other", seed=1)
         override, named = f"model.path={other}", f"{other} (revision None)"
     else:
         override, named = "model.revision=v2", f"{tiny_model} (revision v2)"
+    args = ["cluster", str(run_copy), "--set", override]
+    if command == "export":
+        assert invoke(monkeypatch, capsys, "cluster", str(run_copy))[0] == 0
+        args = ["export", str(run_copy), "--init-only", "--out", str(tmp_path / "routers"), "--set", override]
     fails_with(
         monkeypatch,
         capsys,
         run_copy,
-        ["cluster", str(run_copy), "--set", override],
+        args,
         f"the states store in {run_copy} was dumped from model {tiny_model} (revision None), but the config names "
         f"{named}. Pass the model the run was dumped with (--set model.path={tiny_model}), or dump again with --force.",
     )
-    assert not (run_copy / "prototypes.partial").exists()
+    assert not (run_copy / "prototypes.partial").exists() and not (tmp_path / "routers").exists()
 
 
 @pytest.mark.parametrize("damage", ["truncated", "overwritten"])
