@@ -68,7 +68,9 @@ def resolve_config(
 @contextmanager
 def _saving_config(run: RunDir, cfg: RunConfig) -> Iterator[None]:
     """Save the resolved config as RUN_DIR/config.yaml for the command; if the command fails, put the
-    previous one back, so a rejected command (wrong model, bad value) does not become the run's config."""
+    previous one back, so a rejected command (wrong model, bad value) does not become the run's config,
+    and remove the run directory again if this command created it and nothing was written into it."""
+    existed = run.fs.exists(run.root)
     run.ensure()
     previous = run.read_config()
     run.write_config(to_yaml(cfg))
@@ -79,6 +81,8 @@ def _saving_config(run: RunDir, cfg: RunConfig) -> Iterator[None]:
             run.write_config(previous)
         elif run.fs.exists(run.path("config.yaml")):
             run.fs.rm(run.path("config.yaml"))
+        if not existed and not run.fs.find(run.root):  # only the empty folders that ensure() made
+            run.fs.rm(run.root, recursive=True)
         raise
 
 

@@ -84,6 +84,8 @@ def assert_untouched(monkeypatch, capsys, run: Path, before) -> None:
     after = snapshot(monkeypatch, capsys, run)
     if before == ({}, None, []):  # the run directory did not exist: nothing may look complete now
         assert not any(after[0].values()) and after[1] is None and after[2] == []
+        if not (run / "states.zarr.partial").exists():  # a resumable dump is kept; else nothing at all
+            assert not run.exists(), sorted(p.name for p in run.rglob("*"))
     else:
         assert after == before
     for stage in STAGES:  # no stage output without its manifest
