@@ -10,6 +10,7 @@ stage and creates no layer tasks.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
@@ -41,39 +42,42 @@ def lpr_distill(
     tasks.prepare_task.with_options(**retry)(**common)
     results: dict[str, dict[str, Any]] = {}
     with ExitStack() as stack:
-        runner: TaskRunner | None = None
+        runners: list[TaskRunner] = []
+
+        def runner() -> TaskRunner:  # started only when a layer has work: a skipped rerun starts no cluster
+            if not runners:
+                runners.append(stack.enter_context(task_runner(cfg.flow)))
+            return runners[0]
+
         for stage in STAGE_FUNCTIONS:
-            if stage not in LAYER_STAGES:
+            if stage in LAYER_STAGES:
+                results[stage] = _layer_stage(stage, runner, retry=retry, force=force, common=common)
+            else:
                 results[stage] = tasks.stage_task.with_options(**retry)(stage=stage, force=force, **common)
-                continue
-            started = time.time()
-            plan = tasks.plan_task.with_options(**retry)(stage=stage, force=force, **common)
-            if plan["skip"]:
-                results[stage] = {"stage": stage, "skipped": True, "finished_at": "", "seconds": 0.0, "stats": {}}
-                results[stage] |= _manifest_outcome(stage, common)
-                continue
-            if runner is None:  # started only when a layer has work: a skipped rerun starts no cluster
-                runner = stack.enter_context(task_runner(cfg.flow))
-            futures = runner.map(
-                tasks.layer_task.with_options(**retry),
-                {
-                    "stage": unmapped(stage),
-                    "layer": plan["layers"],
-                    "fingerprint": unmapped(plan["fingerprint"]),
-                    "cfg": unmapped(cfg),
-                    "run_dir": unmapped(run_dir),
-                    "storage_options": unmapped(storage_options),
-                    "force": unmapped(force),
-                },
-            )
-            wait(futures)  # every layer finishes (or fails) before anything raises: finished layers are kept
-            layer_results = [future.result() for future in futures]
-            results[stage] = tasks.commit_task.with_options(**retry)(stage=stage, started=started, **common)
-            results[stage]["layer_results"] = layer_results
     publish(tasks.open_run(run_dir, storage_options), results)
     ran = [stage for stage, result in results.items() if not result["skipped"]]
     get_run_logger().info(f"stages run: {', '.join(ran)}" if ran else "nothing new: every stage skipped")
     return results
+
+
+def _layer_stage(
+    stage: str, runner: Callable[[], TaskRunner], *, retry: dict, force: bool, common: dict[str, Any]
+) -> dict[str, Any]:
+    """plan → one task per layer on the runner → commit; a stage whose manifest matches stops at its plan."""
+    started = time.time()
+    plan = tasks.plan_task.with_options(**retry)(stage=stage, force=force, **common)
+    if plan["skip"]:
+        return {"stage": stage, "skipped": True, "finished_at": "", "seconds": 0.0, "stats": {}} | _manifest_outcome(
+            stage, common
+        )
+    per_layer = {"layer": plan["layers"]} | {
+        key: unmapped(value) for key, value in (common | {"fingerprint": plan["fingerprint"], "force": force}).items()
+    }
+    futures = runner().map(tasks.layer_task.with_options(**retry), {"stage": unmapped(stage), **per_layer})
+    wait(futures)  # every layer finishes (or fails) before anything raises: finished layers are kept
+    layer_results = [future.result() for future in futures]
+    result = tasks.commit_task.with_options(**retry)(stage=stage, started=started, **common)
+    return result | {"layer_results": layer_results}
 
 
 def _manifest_outcome(stage: str, common: dict[str, Any]) -> dict[str, Any]:
