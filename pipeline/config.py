@@ -77,7 +77,9 @@ class RouterConfig(_Section):
 class DistillConfig(_Section):
     """Gate-level distillation of each layer's LPR router on the stored states."""
 
-    balance: float = Field(0.5, ge=0, le=1)  # 0: imitate the teacher; 1: imitate its balanced projection
+    # the one fidelity/balance knob, both phases: 0 imitates the teacher, 1 only balances
+    # (gate level: target = (1 − b)·teacher + b·its balanced projection; model level: (1 − b)·KL + b·balance)
+    balance: float = Field(0.5, ge=0, le=1)
     steps: int = Field(600, ge=1)
     batch_rows: int = Field(4096, ge=16)
     buffer_rows: int = Field(65_536, ge=16)  # rows read and shuffled together (memory ∝ this)
@@ -90,10 +92,9 @@ class DistillConfig(_Section):
     eval_every: int = Field(50, ge=1)
     # model-level phase (the whole model, routers trainable, KL to the original model's next-token
     # distribution + per-sequence balance); token budget = model_steps · model_batch_sequences · corpus.seq_len
-    model_steps: int = Field(300, ge=0)  # 0 turns the model-level phase off
+    model_steps: int = Field(150, ge=0)  # 0 turns the model-level phase off
     model_batch_sequences: int = Field(8, ge=1)
     model_lr: float = Field(2e-3, gt=0)
-    model_balance: float = Field(0.5, ge=0)  # weight of the per-sequence balance term
     model_candidates: int = Field(2, ge=0)  # runner-up experts per token given straight-through weights
     model_val_sequences: int = Field(32, ge=1)  # training-side sequences kept out for early stopping
     model_eval_every: int = Field(50, ge=1)

@@ -131,7 +131,7 @@ def _evaluate(model, originals, routers, taps, ids: torch.Tensor, cfg: DistillCo
     return {
         "kl": kl,
         "balance": balance,
-        "objective": kl + cfg.model_balance * balance,
+        "objective": (1 - cfg.balance) * kl + cfg.balance * balance,
         "gini": float(np.mean([gini(load) for load in loads.values()])),
     }
 
@@ -146,7 +146,7 @@ def distill_in_model(
 ) -> dict[str, Any]:
     """Train ``routers`` (keyed by router module name) in place inside ``model`` on the sequences
     train (n, S), batch after batch, each seen once when n ≥ model_steps · model_batch_sequences;
-    keep the parameters of the best step on val (m, S) by KL + model_balance · balance. ``model``
+    keep the parameters of the best step on val (m, S) by (1 − balance) · KL + balance · balance loss. ``model``
     holds its original routers on entry and on return."""
     originals = {site.name: site.module for site in find_routers(model)}
     device = next(model.parameters()).device
@@ -175,7 +175,7 @@ def distill_in_model(
                 start = (step - 1) * batch  # every sequence once, then again (a small corpus) in the same order
                 ids = train[torch.arange(start, start + batch) % len(train)].to(device)
                 kl, balance = _losses(model, originals, routers, taps, ids, cfg.sinkhorn_iterations)
-                loss = kl + cfg.model_balance * balance
+                loss = (1 - cfg.balance) * kl + cfg.balance * balance
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
