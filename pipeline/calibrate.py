@@ -11,15 +11,45 @@ about L/2 full passes over the calibration sequences.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from pipeline.config import RunConfig
+from pipeline.corpus import sample_sequences
 from pipeline.init_routers import calibrate_bias
 from pipeline.models import find_routers
 from pipeline.progress import progress_bar
 from pipeline.router import LatentPrototypeRouter
+
+
+@dataclass
+class TrainingSequences:
+    """Training-side sequences (n, seq_len) int64, drawn from many documents, never the held-out ones."""
+
+    calibration: torch.Tensor  # the final bias calibration (distill.calibration_sequences)
+    val: torch.Tensor  # early stopping of the model-level phase (distill.model_val_sequences)
+    train: torch.Tensor  # the model-level phase (up to model_steps · model_batch_sequences)
+
+
+def training_sequences(cfg: RunConfig, tokenizer) -> TrainingSequences:
+    """The same draw for every caller with the same config (seeded), so the bias baseline is
+    calibrated on exactly the sequences the LPR routers are calibrated on."""
+    d = cfg.distill
+    held_apart = d.calibration_sequences + d.model_val_sequences
+    ids = sample_sequences(
+        cfg.corpus,
+        tokenizer,
+        count=held_apart + d.model_steps * d.model_batch_sequences,
+        minimum=held_apart + (d.model_batch_sequences if d.model_steps > 0 else 0),
+        seed=cfg.seed + 2000,
+    )
+    ids = torch.from_numpy(ids)
+    return TrainingSequences(
+        ids[: d.calibration_sequences], ids[d.calibration_sequences : held_apart], ids[held_apart:]
+    )
 
 
 class _StopForward(Exception):

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import RunConfig
-from pipeline.corpus import sample_sequences
 from pipeline.errors import LprError
 from pipeline.init_routers import calibrate_bias, encode_rows, initial_router
 from pipeline.metrics import expert_load, gini
@@ -238,7 +237,7 @@ def distill_model_level(*, cfg: RunConfig, run: RunDir, layers: list[str], fp: s
     """The whole-model phase, from the gate-level routers: distillation in the model (when
     ``distill.model_steps`` > 0), then the bias calibrated in the model, layer by layer, on
     training-side sequences. Writes the final routers into ``routers.partial/``."""
-    from pipeline.calibrate import calibrate_in_model
+    from pipeline.calibrate import calibrate_in_model, training_sequences
     from pipeline.model_distill import distill_in_model
 
     d = cfg.distill
@@ -249,18 +248,8 @@ def distill_model_level(*, cfg: RunConfig, run: RunDir, layers: list[str], fp: s
         router = LatentPrototypeRouter(RouterSpec(**meta["spec"]))
         router.load_state_dict(state, strict=True)
         routers[meta["module"]], metas[meta["module"]] = router, meta
-    held_apart = d.calibration_sequences + d.model_val_sequences
-    needed = held_apart + (d.model_batch_sequences if d.model_steps > 0 else 0)
-    ids = sample_sequences(
-        cfg.corpus,
-        tokenizer,
-        count=held_apart + d.model_steps * d.model_batch_sequences,
-        minimum=needed,
-        seed=cfg.seed + 2000,
-    )
-    ids = torch.from_numpy(ids)
-    calibration, val = ids[: d.calibration_sequences], ids[d.calibration_sequences : held_apart]
-    train = ids[held_apart:]
+    sequences = training_sequences(cfg, tokenizer)
+    calibration, val, train = sequences.calibration, sequences.val, sequences.train
     stats: dict[str, Any] = {"steps": d.model_steps, "train_sequences": len(train), "seq_len": cfg.corpus.seq_len}
     if d.model_steps > 0:
         result = distill_in_model(model, routers, train, val, d, seed=cfg.seed)

@@ -106,7 +106,7 @@ def load_config(cfg: ModelConfig, path: str):
 
 def load_model(cfg: ModelConfig, path: str) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` from a local directory or hub id, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     config = load_config(cfg, path)
     common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
@@ -118,10 +118,17 @@ def load_model(cfg: ModelConfig, path: str) -> tuple[nn.Module, Any]:
     if not cfg.device_map:
         model.to(device)
     model.eval()  # some families add router jitter in training mode: capture in eval mode
-    tokenizer = AutoTokenizer.from_pretrained(path, **common)
+    return model, load_tokenizer(cfg, path)
+
+
+def load_tokenizer(cfg: ModelConfig, path: str) -> Any:
+    """The checkpoint's tokenizer, with a pad token (its EOS when it has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer
 
 
 def router_class(model: nn.Module) -> tuple[type[nn.Module], str | None]:

@@ -21,16 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.cluster import sample_ranges
 from pipeline.config import RunConfig
 from pipeline.errors import LprError
 from pipeline.export import build_init_routers, distilled_routers
-from pipeline.init_routers import calibrate_bias, encode_rows
-from pipeline.models import find_routers
-from pipeline.replace import install_routers
-from pipeline.router import LatentPrototypeRouter, identity_router, spec_for
+from pipeline.models import find_routers, load_tokenizer, resolve_model_path
+from pipeline.replace import identity_routers, install_routers
+from pipeline.router import LatentPrototypeRouter, spec_for
 from storage.rundir import RunDir
-from storage.states import StatesReader
 
 
 @dataclass
@@ -73,31 +70,30 @@ def original(cfg: RunConfig, run: RunDir, model: nn.Module) -> Built:
 
 
 def bias_routers(cfg: RunConfig, run: RunDir, model: nn.Module) -> tuple[dict[str, LatentPrototypeRouter], dict]:
-    """The original gates as identity LPRs (dot product, prototypes = gate weight (E, H)) with a
-    choice-only per-expert bias that balances top-k slots on the run's stored rows (train documents).
+    """The original gates as identity LPRs (the gate's own weights and biases) with a choice-only
+    per-expert bias that balances top-k slots, calibrated in the model layer by layer on the same
+    training-side sequences as the LPR routers' final calibration (never the held-out documents).
 
     The loss-free-balancing baseline: weights stay the gate's own probabilities, only the choice moves.
     """
-    reader = StatesReader(run.url_of(run.output_path("dump")), run.storage_options)
-    spec = spec_for(model.config, latent_dim=model.config.hidden_size, similarity="dot")
-    ranges = sample_ranges(reader.num_rows, reader.chunk_rows, cfg.router.calibration_rows, cfg.seed + 1000)
-    sites = find_routers(model)
-    if len(sites) != len(reader.layers):
-        raise LprError(
-            f"the model has {len(sites)} MoE layers but the run's states have {len(reader.layers)}",
-            "set model.path to the model the run was dumped with",
-        )
-    routers, info = {}, {}
-    for site, layer in zip(sites, reader.layers, strict=True):
-        router = identity_router(site.module.weight, spec)
-        info[layer] = calibrate_bias(router, encode_rows(router, reader, layer, ranges))
-        routers[site.name] = router.eval()
+    from pipeline.calibrate import calibrate_in_model, training_sequences
+
+    routers = identity_routers(model)
+    calibration = training_sequences(cfg, load_tokenizer(cfg.model, resolve_model_path(cfg))).calibration
+    originals = {site.name: site.module for site in find_routers(model)}
+    install_routers(model, routers)
+    try:
+        info = calibrate_in_model(model, calibration, batch=cfg.distill.model_batch_sequences)
+    finally:
+        for name, module in originals.items():  # the builder hands the model back with its own gates
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module)
     return routers, info
 
 
 @variant("original+bias", needs="dump")
 def original_plus_bias(cfg: RunConfig, run: RunDir, model: nn.Module) -> Built:
-    """The original gates plus a per-expert balancing bias calibrated on the stored rows (loss-free balancing)."""
+    """The original gates plus a per-expert balancing bias calibrated in the model (loss-free balancing)."""
     routers, info = bias_routers(cfg, run, model)
     return Built(routers, {"calibration": info})
 
