@@ -379,6 +379,30 @@ def test_dask_two_workers_gives_the_same_prototypes_and_routers(server, flow_run
     assert_same_run(flow_run[0], run)
 
 
+def test_dask_cluster_at_an_address_from_the_config(server, flow_run, tmp_path, tiny_model, tiny_corpus):
+    """An existing Dask cluster (here started by the test: scheduler + 2 worker processes) named by
+    ``flow.dask_address``: the layer tasks run on its workers and give the same outputs."""
+    from distributed import Client, LocalCluster
+
+    from flows.lpr_flow import run_flow
+    from storage.rundir import RunDir
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        flow = SMALL_STAGES["flow"] | {"task_runner": "dask", "dask_address": cluster.scheduler_address}
+        run = RunDir(str(tmp_path / "run"))
+        results = run_flow(_cfg(tiny_model, tiny_corpus, flow=flow), run.url)
+        with Client(cluster.scheduler_address) as client:
+            seen = client.run_on_scheduler(_tasks_seen)
+    layers = len(results["cluster"]["layer_results"])
+    assert seen["layer_task"]["memory"] == 2 * layers, seen  # every cluster and distill layer ran on this cluster
+    assert_same_run(flow_run[0], run)
+
+
+def _tasks_seen(dask_scheduler) -> dict[str, dict[str, int]]:
+    """On the scheduler: per task key prefix, how many tasks went through each state ("memory": finished)."""
+    return {name: dict(prefix.state_counts) for name, prefix in dask_scheduler.task_prefixes.items()}
+
+
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A real S3-compatible server (moto in server mode, its own process) on 127.0.0.1, with a bucket."""
