@@ -139,7 +139,7 @@ FAST_RUN: dict[str, dict[str, Any]] = {
 # output[2] (a (logits, weights, indices) triple), so its model-level training phase cannot run
 # there yet: the end-to-end run of Llama 4 skips that phase (gate-level distillation, in-model
 # bias calibration, export and loading still run).
-RUN_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {"llama4_text": {"distill": {"model_steps": 0}}}
+RUN_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {}
 
 
 def _logits(model, ids: torch.Tensor, **kwargs: Any):
