@@ -13,6 +13,7 @@ calibrated on calibration rows so that top-k slot counts are equal.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -100,6 +101,21 @@ def teacher_target(teacher_logits: torch.Tensor, balance: float, iterations: int
     return (1 - balance) * probs + balance * sinkhorn_balance(probs, iterations)
 
 
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, steps: int, warmup_share: float
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up over ``warmup_share`` of the steps (at least one), then cosine decay to 0; any
+    ``steps`` ≥ 1 (one-cycle schedulers fail on very short runs)."""
+    warmup = max(1, round(warmup_share * steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup + 1) / (steps - warmup + 1)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def diversity_penalty(prototypes: torch.Tensor) -> torch.Tensor:
     """Mean squared off-diagonal cosine similarity of the prototypes (E, d): 0 when orthogonal."""
     unit = F.normalize(prototypes, dim=-1)
@@ -115,7 +131,7 @@ def distill_layer(
     d = cfg.distill
     torch.manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(router.parameters(), lr=d.lr, weight_decay=d.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=d.lr, total_steps=d.steps, pct_start=0.05)
+    schedule = warmup_cosine(optimizer, d.steps, warmup_share=0.05)
     best = {"step": 0, **validation_loss(router, *val, d.balance)}
     best_state = {k: v.clone() for k, v in router.state_dict().items()}
     history = [best | {"step": 0}]

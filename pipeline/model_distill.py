@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import DistillConfig
-from pipeline.distill import sinkhorn_balance
+from pipeline.distill import sinkhorn_balance, warmup_cosine
 from pipeline.families import as_triple
 from pipeline.metrics import gini
 from pipeline.models import find_routers
@@ -163,7 +163,7 @@ def distill_in_model(
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(params, lr=cfg.model_lr, weight_decay=cfg.weight_decay)
     steps = cfg.model_steps
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.model_lr, total_steps=steps, pct_start=0.1)
+    schedule = warmup_cosine(optimizer, steps, warmup_share=0.1)
     batch = cfg.model_batch_sequences
     started = time.time()
     try:

@@ -132,3 +132,19 @@ def test_model_level_trains_routers_only_and_calibrates_in_the_model(distilled, 
     for site in find_routers(model):
         z = router_latents(model, site.module, ids, batch=4)
         assert z.shape == (10 * 16, site.module.spec.latent_dim)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 20, 600])
+def test_warmup_cosine_schedule_works_for_any_number_of_steps(steps):
+    from pipeline.distill import warmup_cosine
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([parameter], lr=2.0)
+    schedule = warmup_cosine(optimizer, steps, warmup_share=0.05)
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert max(rates) == pytest.approx(2.0) and all(rate > 0 for rate in rates)
+    assert rates[-1] <= rates[len(rates) // 2]  # decays after the warm-up
