@@ -77,15 +77,17 @@ def frontier(curves: dict[str, list[dict]], points: dict[str, dict]) -> bytes:
     label}) and single points (variants)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2)  # curves and points never share one
     for name, curve in curves.items():
         ordered = curve  # in the order of the swept setting (a bias pushed past balance turns back)
-        ax.plot([p["gini"] for p in ordered], [p["cross_entropy"] for p in ordered], marker="o", label=name)
+        x, y = [p["gini"] for p in ordered], [p["cross_entropy"] for p in ordered]
+        ax.plot(x, y, marker="o", color=next(colors), label=name)
         for p in ordered:
             ax.annotate(
                 p["label"], (p["gini"], p["cross_entropy"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
             )
     for name, p in points.items():
-        ax.scatter([p["gini"]], [p["cross_entropy"]], marker="*", s=120, zorder=3, label=name)
+        ax.scatter([p["gini"]], [p["cross_entropy"]], marker="*", s=120, zorder=3, color=next(colors), label=name)
     ax.set_xlabel("mean Gini of expert load over layers (held-out top-k slots)")
     ax.set_ylabel("held-out cross-entropy (nats/token)")
     ax.set_title("Quality/balance frontier (lower left is better)", fontsize=10)
