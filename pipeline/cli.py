@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -77,12 +77,13 @@ def _saving_config(run: RunDir, cfg: RunConfig) -> Iterator[None]:
     try:
         yield
     except Exception:
-        if previous is not None:
-            run.write_config(previous)
-        elif run.fs.exists(run.path("config.yaml")):
-            run.fs.rm(run.path("config.yaml"))
-        if not existed and not run.fs.find(run.root):  # only the empty folders that ensure() made
-            run.fs.rm(run.root, recursive=True)
+        with suppress(LprError, OSError):  # the cleanup must not hide the error the user needs to see
+            if previous is not None:
+                run.write_config(previous)
+            elif run.fs.exists(run.path("config.yaml")):
+                run.fs.rm(run.path("config.yaml"))
+            if not existed and not run.fs.find(run.root):  # only the empty folders that ensure() made
+                run.fs.rm(run.root, recursive=True)
         raise
 
 
