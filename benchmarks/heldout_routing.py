@@ -3,9 +3,10 @@
 A thin caller of the validate stage's pieces (``pipeline/variants.py``, ``pipeline/heldout.py``),
 without lm-eval or the report: ``original`` gate; ``original+bias`` (the original gate plus a
 choice-only per-expert bias calibrated in the model on training-side sequences, like the LPR's
-final calibration — the loss-free-balancing baseline); ``lpr-init`` (from the clusters, calibrated); ``lpr`` (distilled, when the run has a
-distill stage). Measured on held-out documents (never dumped, clustered, distilled or calibrated
-on): cross-entropy, per-layer slot load (Gini, min/max) and soft load (routing-weight mass).
+final calibration — the loss-free-balancing baseline); ``lpr-init`` (from the clusters,
+calibrated); ``lpr`` (distilled, when the run has a distill stage). Measured on held-out documents
+(never dumped, clustered, distilled or calibrated on): cross-entropy, per-layer slot load (Gini,
+min/max) and soft load (routing-weight mass).
 Ends with one JSON line.
 Usage: ``python benchmarks/heldout_routing.py RUN_DIR [--sequences 96]``.
 """
