@@ -30,7 +30,7 @@ from pipeline.models import load_config, load_model, resolve_model_path
 from pipeline.progress import info, progress_bar
 from pipeline.replace import install_routers
 from pipeline.router import LatentPrototypeRouter, RouterSpec
-from pipeline.stages import build_manifest, previous_run
+from pipeline.stages import build_manifest, check_states_model, previous_run
 from storage.layer_files import read_layer_meta
 from storage.routers_store import read_layer_router, write_layer_router
 from storage.rundir import Manifest, RunDir, fingerprint
@@ -169,6 +169,7 @@ def distill_identity(cfg: RunConfig, run: RunDir) -> tuple[dict[str, Any], dict[
     cluster = run.read_manifest("cluster")
     if cluster is None or not run.is_complete("cluster"):
         raise LprError(f"no complete prototypes in {run.url}", "run `lpr-distill cluster RUN_DIR` first")
+    check_states_model(cfg, run)
     config = {"seed": cfg.seed, **cfg.section("router", "distill", "corpus")}
     inputs = {"prototypes": cluster.fingerprint}
     return config, inputs, fingerprint(config, inputs)

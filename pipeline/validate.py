@@ -25,7 +25,7 @@ from pipeline.progress import info
 from pipeline.report import compare_at_balance, curve_point, markdown, pick_winner, summary_rows
 from pipeline.stages import build_manifest, previous_run
 from pipeline.variants import VARIANTS, VariantSwitcher, check_variants, scale_bias
-from storage.report import read_json, to_json, write_files
+from storage.report import to_json, write_files
 from storage.rundir import Manifest, RunDir, fingerprint
 
 STAGE = "validate"
@@ -51,7 +51,7 @@ def stage_inputs(cfg: RunConfig, run: RunDir) -> dict[str, Any]:
         manifest = run.read_manifest(stage)
         if manifest is not None and run.is_complete(stage):
             inputs[stage] = manifest.fingerprint
-    sweep = read_json(run, run.path(*SWEEP_RESULTS))
+    sweep = run.read_json(run.path(*SWEEP_RESULTS))
     if sweep is not None:
         inputs["sweep"] = fingerprint({}, {"points": sweep.get("lpr", [])})
     return inputs
@@ -165,7 +165,7 @@ def run_validate(*, cfg: RunConfig, run: RunDir, force: bool = False) -> Manifes
     if (done := previous_run(run, STAGE, fp, force=force)) is not None:
         return done.model_copy(update={"skipped": True})
     results, bias_curve, heldout = measure_variants(cfg, run)
-    sweep = read_json(run, run.path(*SWEEP_RESULTS))
+    sweep = run.read_json(run.path(*SWEEP_RESULTS))
     report = build_report(cfg, run, results, bias_curve, heldout, sweep)
     partial = run.partial_path(STAGE)
     if run.fs.exists(partial):

@@ -25,13 +25,7 @@ def write_layer_files(run: RunDir, directory: str, layer: str, blob: bytes, meta
 
 def read_layer_meta(run: RunDir, directory: str, layer: str) -> dict[str, Any] | None:
     """A layer's JSON, or None when it is missing or damaged (the layer is not complete)."""
-    text = run.read_text(f"{directory}/{safe_name(layer, 'layer')}.json")
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except ValueError:
-        return None
+    return run.read_json(f"{directory}/{safe_name(layer, 'layer')}.json")
 
 
 def read_layer_blob(run: RunDir, directory: str, layer: str) -> bytes:

@@ -46,19 +46,8 @@ def to_json(data: dict[str, Any]) -> str:
     return json.dumps(_finite(data), indent=2, allow_nan=False, default=float)
 
 
-def read_json(run: RunDir, path: str) -> dict[str, Any] | None:
-    """A JSON file of the run directory, or None when it is missing or damaged."""
-    text = run.read_text(path)
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except ValueError:
-        return None
-
-
 def read_report(run: RunDir) -> dict[str, Any] | None:
     """The validate stage's report.json, when the stage is complete."""
     if not run.is_complete("validate"):
         return None
-    return read_json(run, f"{run.output_path('validate')}/report.json")
+    return run.read_json(f"{run.output_path('validate')}/report.json")

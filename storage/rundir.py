@@ -132,6 +132,16 @@ class RunDir:
         with self.fs.open(path, "r", encoding="utf-8") as handle:
             return handle.read()
 
+    def read_json(self, path: str) -> Any:
+        """A JSON file of the run directory, or None when it is missing or damaged."""
+        text = self.read_text(path)
+        if text is None:
+            return None
+        try:
+            return json.loads(text)
+        except ValueError:
+            return None
+
     def write_config(self, text: str) -> None:
         self.write_text(self.path("config.yaml"), text)
 

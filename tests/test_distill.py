@@ -148,3 +148,19 @@ def test_warmup_cosine_schedule_works_for_any_number_of_steps(steps):
         schedule.step()
     assert max(rates) == pytest.approx(2.0) and all(rate > 0 for rate in rates)
     assert rates[-1] <= rates[len(rates) // 2]  # decays after the warm-up
+
+
+def test_distill_refuses_states_of_another_model(distilled, tmp_path, tiny_model):
+    import json
+    import shutil
+
+    cfg, run, _ = distilled
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model, other)
+    config = json.loads((other / "config.json").read_text())
+    config["rope_theta"] = float(config.get("rope_theta", 10000.0)) + 1
+    (other / "config.json").write_text(json.dumps(config))
+    wrong = build_config(cfg.model_dump(mode="json") | {"model": cfg.model.model_dump() | {"path": str(other)}})
+    with pytest.raises(LprError, match="was dumped from model"):
+        run_distill(cfg=wrong, run=run, force=True)
+    assert run.is_complete("distill")  # refused before anything was touched
