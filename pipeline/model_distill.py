@@ -30,15 +30,8 @@ from pipeline.families import as_triple
 from pipeline.metrics import gini
 from pipeline.models import find_routers
 from pipeline.progress import progress_bar
-from pipeline.replace import install_routers
+from pipeline.replace import install_routers, swap_modules
 from pipeline.router import LatentPrototypeRouter
-
-
-def swap_modules(model: nn.Module, modules: dict[str, nn.Module]) -> None:
-    """Put each module at its dotted name in ``model`` (e.g. the original routers back in place)."""
-    for name, module in modules.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, module)
 
 
 def next_token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:

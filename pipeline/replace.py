@@ -41,6 +41,13 @@ def original_type(module: nn.Module) -> type:
     return type(module)
 
 
+def swap_modules(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Put each module at its dotted name in ``model`` (e.g. the original routers back in place)."""
+    for name, module in modules.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, module)
+
+
 def install_routers(model: nn.Module, routers: dict[str, LatentPrototypeRouter]) -> nn.Module:
     """Replace the router at each module name (e.g. ``model.layers.0.mlp.gate``) by its LPR, in place."""
     sites = {site.name: site for site in find_routers(model)}
@@ -58,8 +65,7 @@ def install_routers(model: nn.Module, routers: dict[str, LatentPrototypeRouter])
         parameter = next(original.parameters(), None)
         if parameter is not None:
             router.to(device=parameter.device)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, router)
+        swap_modules(model, {name: router})
     _hook_state_dict(model)
     return model
 

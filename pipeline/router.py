@@ -187,7 +187,8 @@ def sparsemixer(logits: torch.Tensor, bias: torch.Tensor, jitter_eps: float) -> 
 
 def spec_for(config: object, *, latent_dim: int, similarity: Similarity = "cosine") -> RouterSpec:
     """The router spec that fits a transformers config of a supported family (its weight convention included)."""
-    from pipeline.families import FAMILIES, _setting, family_of, text_config
+    from pipeline.families import FAMILIES, family_of, text_config
+    from pipeline.family_adapter import setting
 
     family = FAMILIES[family_of(config)]
     config = text_config(config)
@@ -202,12 +203,12 @@ def spec_for(config: object, *, latent_dim: int, similarity: Similarity = "cosin
         weights_fp32=family.weights_dtype == "float32",
         convention=family.convention,
         renorm_eps=family.renorm_eps,
-        renorm_min=float(_setting(config, family.renorm_min, 0.0)),
-        scaling=float(_setting(config, family.scaling, 1.0)),
+        renorm_min=float(setting(config, family.renorm_min, 0.0)),
+        scaling=float(setting(config, family.scaling, 1.0)),
         n_group=n_group,
         topk_group=topk_group,
         group_score=family.group_score,
-        jitter_eps=float(_setting(config, family.jitter, 0.0)) if family.jitter else 0.0,
+        jitter_eps=float(setting(config, family.jitter, 0.0)) if family.jitter else 0.0,
         logits_fp32=family.logits_fp32,
         weights_like_input=family.weights_dtype == "input",
         returns=family.returns,

@@ -25,7 +25,7 @@ from pipeline.config import RunConfig
 from pipeline.errors import LprError
 from pipeline.export import build_init_routers, distilled_routers
 from pipeline.models import find_routers, load_tokenizer, resolve_model_path
-from pipeline.replace import identity_routers, install_routers
+from pipeline.replace import identity_routers, install_routers, swap_modules
 from pipeline.router import LatentPrototypeRouter, spec_for
 from storage.rundir import RunDir
 
@@ -85,9 +85,7 @@ def bias_routers(cfg: RunConfig, run: RunDir, model: nn.Module) -> tuple[dict[st
     try:
         info = calibrate_in_model(model, calibration, batch=cfg.distill.model_batch_sequences)
     finally:
-        for name, module in originals.items():  # the builder hands the model back with its own gates
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, module)
+        swap_modules(model, originals)  # the builder hands the model back with its own gates
     return routers, info
 
 
@@ -164,9 +162,7 @@ class VariantSwitcher:
         self.originals: dict[str, nn.Module] = {site.name: site.module for site in find_routers(model)}
 
     def restore(self) -> nn.Module:
-        for name, module in self.originals.items():
-            parent, _, child = name.rpartition(".")
-            setattr(self.model.get_submodule(parent), child, module)
+        swap_modules(self.model, self.originals)
         return self.model
 
     def apply(self, name: str, cfg: RunConfig, run: RunDir) -> Built:
