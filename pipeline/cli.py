@@ -20,6 +20,7 @@ from pipeline.cli_runs import _names, _run_stages, _saving_config, out, print_re
 from pipeline.config import (
     to_yaml,
 )
+from pipeline.dump_shards import ShardSpec, run_dump_shard
 from pipeline.errors import LprError, storage_error
 from pipeline.stage_registry import STAGE_FUNCTIONS
 from storage.rundir import RunDir
@@ -56,11 +57,19 @@ def dump(
     trust_remote_code: Annotated[
         bool | None, typer.Option("--trust-remote-code", help="Run the checkpoint's own code.")
     ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(help="I/N: dump only shard I of N (batches ≡ I mod N) into its own store; concurrent workers."),
+    ] = None,
+    shards: Annotated[int | None, typer.Option(help="dump.shards: merge this many complete shards.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Record router inputs and decisions of every MoE layer into RUN_DIR/states.zarr."""
+    """Record router inputs and decisions of every MoE layer into RUN_DIR/states.zarr.
+
+    Sharded: `dump RUN --shard I/N` workers (at once, on any machines sharing RUN), then `dump RUN` merges."""
+    spec = ShardSpec.parse(shard) if shard is not None else None  # a bad spec fails before anything else
     run = RunDir(run_dir)
     flags = {
         "model.path": model,
@@ -70,9 +79,16 @@ def dump(
         "corpus.text_field": text_field,
         "dump.max_tokens": max_tokens,
         "dump.batch_tokens": batch_tokens,
+        "dump.shards": spec.count if spec is not None else shards,
     }
     cfg = resolve_config(run=run, config=config, sets=set_, flags=flags)
-    _run_stages(["dump"], run=run, cfg=cfg, force=force)
+    if spec is None:
+        _run_stages(["dump"], run=run, cfg=cfg, force=force)
+        return
+    with _saving_config(run, cfg):
+        result = run_dump_shard(cfg=cfg, run=run, shard=spec, force=force)
+    if not result["skipped"]:
+        out.print(f"[green]✓[/] dump shard {spec} complete ({result['rows']:,} rows); `dump` merges all {spec.count}")
 
 
 @app.command()

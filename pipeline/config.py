@@ -52,6 +52,8 @@ class DumpConfig(_Section):
     chunk_rows: int | None = Field(None, ge=1)  # rows per Zarr chunk; null: batch_tokens, so each batch
     # fills whole chunks (no read-modify-write of a half-written chunk)
     codec: Literal["none", "lz4", "zstd"] = "none"  # activations barely compress: none writes fastest
+    shards: int = Field(1, ge=1)  # >1: `dump --shard I/N` workers each write a slice, `dump` merges them
+    # (the store is the same row for row for any N, so N is not part of the dump's fingerprint)
 
 
 class ClusterConfig(_Section):

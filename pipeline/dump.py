@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,13 +24,22 @@ import torch
 from torch import nn
 
 from pipeline.config import RunConfig
-from pipeline.corpus import PackedSequence, describe_corpus, iter_documents, iter_packed, split_documents
+from pipeline.corpus import (
+    CorpusSummary,
+    PackedSequence,
+    describe_corpus,
+    iter_documents,
+    iter_packed,
+    split_documents,
+)
+from pipeline.dump_merge import merge_shards
 from pipeline.errors import LprError
 from pipeline.families import FAMILIES, as_triple
 from pipeline.models import RouterSite, find_routers, load_config, load_model, model_identity, resolve_model_path
 from pipeline.progress import Bar, info, progress_bar
 from pipeline.stages import build_manifest, previous_run
 from storage.rundir import Manifest, RunDir, fingerprint
+from storage.shards import remove_all_shards, remove_tree
 from storage.states import (
     StatesReader,
     StatesWriter,
@@ -208,28 +218,33 @@ def write_states(
     return writer, rows
 
 
-def run_dump(*, cfg: RunConfig, run: RunDir, force: bool = False) -> Manifest:
-    """Write ``states.zarr`` for the train split of the corpus. Returns the stage's manifest."""
-    corpus = describe_corpus(cfg.corpus)  # bad corpus input fails here, before anything is written
+@dataclass(frozen=True)
+class DumpPlan:
+    """What every dump process works out before it touches the run directory."""
+
+    corpus: CorpusSummary
+    model_path: str
+    config: dict[str, Any]  # the config sections the fingerprint covers
+    inputs: dict[str, Any]  # model identity, corpus digest
+    fingerprint: str
+    started: float
+
+
+def plan_dump(cfg: RunConfig) -> DumpPlan:
+    """Check the corpus and the model (bad input fails here, before anything is written) and fingerprint them."""
+    corpus = describe_corpus(cfg.corpus)
     model_path = resolve_model_path(cfg)  # builds the demo model on first use (not part of the stage's time)
     started = time.time()
-    load_config(cfg.model, model_path)  # bad model input fails before the run directory is touched
+    load_config(cfg.model, model_path)
     config = cfg.section("model", "corpus", "dump")
+    del config["dump"]["shards"]  # the store is the same row for row however many workers wrote it
     inputs = {"model": model_identity(model_path, cfg.model.revision), "corpus": corpus.digest}
-    fp = fingerprint(config, inputs)
-    if (done := previous_run(run, STAGE, fp, force=force)) is not None:
-        return done.model_copy(update={"skipped": True})
+    return DumpPlan(corpus, model_path, config, inputs, fingerprint(config, inputs), started)
 
-    model, tokenizer = load_model(cfg.model, model_path)
-    sites = find_routers(model)
-    store_url = run.url_of(run.partial_path(STAGE))
-    if force and run.fs.exists(run.partial_path(STAGE)):
-        run.fs.rm(run.partial_path(STAGE), recursive=True)
-    writer = StatesWriter.resume(store_url, fingerprint=fp, storage_options=run.storage_options)
-    resumed_rows = writer.committed_rows if writer else 0
-    if resumed_rows:
-        info(f"[bold]dump[/]: resuming at row {resumed_rows:,} (sequence {writer.committed_seqs:,})")
-    store_attrs = {
+
+def store_attrs(cfg: RunConfig, model: nn.Module, model_path: str) -> dict[str, Any]:
+    """The root attributes of a states store that say where its rows came from."""
+    return {
         "model": "demo" if cfg.model.path == "demo" else model_path,
         "model_path": model_path,
         "revision": cfg.model.revision,
@@ -239,23 +254,81 @@ def run_dump(*, cfg: RunConfig, run: RunDir, force: bool = False) -> Manifest:
         "seq_len": cfg.corpus.seq_len,
     }
 
+
+def batch_seqs(cfg: RunConfig) -> int:
+    """Packed sequences per forward pass (every batch but the stream's last has exactly this many)."""
+    return max(1, cfg.dump.batch_tokens // cfg.corpus.seq_len)
+
+
+def train_sequences(cfg: RunConfig, tokenizer) -> Iterator[PackedSequence]:
+    """The packed-sequence stream of the train split, in corpus order (the same in every process)."""
+    docs = split_documents(iter_documents(cfg.corpus), split="train", heldout_fraction=cfg.corpus.heldout_fraction)
+    return iter_packed(docs, tokenizer=tokenizer, seq_len=cfg.corpus.seq_len, max_tokens=cfg.dump.max_tokens)
+
+
+def run_dump(*, cfg: RunConfig, run: RunDir, force: bool = False) -> Manifest:
+    """Write ``states.zarr`` for the train split of the corpus. Returns the stage's manifest.
+
+    With ``dump.shards`` = N > 1 the rows come from the N shard stores that ``run_dump_shard``
+    workers wrote (``pipeline.dump_shards``): this merges them, in stream order, once all are complete.
+    """
+    plan = plan_dump(cfg)
+    if (done := previous_run(run, STAGE, plan.fingerprint, force=force)) is not None:
+        remove_all_shards(run)  # left over when a merge was stopped between its commit and this cleanup
+        return done.model_copy(update={"skipped": True})
+    store_url = run.url_of(run.partial_path(STAGE))
+    if force:
+        remove_tree(run, run.partial_path(STAGE))
+    if cfg.dump.shards > 1:
+        stats = merge_shards(run=run, count=cfg.dump.shards, fingerprint=plan.fingerprint, store_url=store_url)
+    else:
+        stats = _dump_here(cfg=cfg, run=run, plan=plan, store_url=store_url)
+    reader = StatesReader(store_url, run.storage_options)
+    rows = reader.num_rows
+    stats = {"rows": rows, "sequences": int(reader.attrs["committed_seqs"])} | stats
+    stats["documents_in_rows"] = int(np.unique(reader.read("doc_id")).size)
+    outputs = {
+        "states": "states.zarr",
+        "layers": {name: reader.layer_module(name) for name in reader.layers},
+        "rows": rows,
+        "bytes": run.size_bytes(run.partial_path(STAGE)),
+    }
+    manifest = build_manifest(
+        stage=STAGE, config=plan.config, inputs=plan.inputs, outputs=outputs, stats=stats, started=plan.started
+    )
+    run.commit(STAGE, manifest)
+    remove_all_shards(run)  # only after the commit: until then a killed merge resumes from them
+    info(f"[bold]dump[/]: {rows:,} rows × {len(reader.layers)} MoE layers → {run.url_of(run.output_path(STAGE))}")
+    return manifest
+
+
+def _dump_here(*, cfg: RunConfig, run: RunDir, plan: DumpPlan, store_url: str) -> dict[str, Any]:
+    """The whole stream by this process into the partial store (resumed where a killed run stopped)."""
+    model, tokenizer = load_model(cfg.model, plan.model_path)
+    sites = find_routers(model)
+    writer = StatesWriter.resume(store_url, fingerprint=plan.fingerprint, storage_options=run.storage_options)
+    resumed_rows = writer.committed_rows if writer else 0
+    if resumed_rows:
+        info(f"[bold]dump[/]: resuming at row {resumed_rows:,} (sequence {writer.committed_seqs:,})")
+    attrs = store_attrs(cfg, model, plan.model_path)
+
     def create_store(records: list[dict[str, torch.Tensor]]) -> StatesWriter:
-        layout = layout_for(sites, records, cfg)
         return StatesWriter.create(
-            store_url, layout=layout, attrs=store_attrs, fingerprint=fp, storage_options=run.storage_options
+            store_url,
+            layout=layout_for(sites, records, cfg),
+            attrs=attrs,
+            fingerprint=plan.fingerprint,
+            storage_options=run.storage_options,
         )
 
-    docs = split_documents(iter_documents(cfg.corpus), split="train", heldout_fraction=cfg.corpus.heldout_fraction)
-    sequences = iter_packed(docs, tokenizer=tokenizer, seq_len=cfg.corpus.seq_len, max_tokens=cfg.dump.max_tokens)
-    sequences = itertools.islice(sequences, writer.committed_seqs if writer else 0, None)
-    batches = batched(sequences, max(1, cfg.dump.batch_tokens // cfg.corpus.seq_len))
+    sequences = itertools.islice(train_sequences(cfg, tokenizer), writer.committed_seqs if writer else 0, None)
     loop_started = time.time()
     with progress_bar("dump", cfg.dump.max_tokens) as bar:
         bar.advance(resumed_rows)
         writer, new_rows = write_states(
             model=model,
             sites=sites,
-            batches=batches,
+            batches=batched(sequences, batch_seqs(cfg)),
             pad_id=tokenizer.pad_token_id,
             writer=writer,
             create_store=create_store,
@@ -265,25 +338,10 @@ def run_dump(*, cfg: RunConfig, run: RunDir, force: bool = False) -> Manifest:
     loop_seconds = time.time() - loop_started
     if writer is None:
         raise LprError("the corpus produced no tokens to dump", "check --corpus and dump.max_tokens")
-    writer.finish({"corpus_documents": corpus.documents, "train_documents": corpus.train_documents})
-    rows = writer.committed_rows
-    reader = StatesReader(store_url, run.storage_options)
-    stats = {
-        "rows": rows,
+    writer.finish({"corpus_documents": plan.corpus.documents, "train_documents": plan.corpus.train_documents})
+    return {
         "rows_this_run": new_rows,
         "resumed_from_row": resumed_rows,
-        "sequences": writer.committed_seqs,
-        "documents_in_rows": int(np.unique(reader.read("doc_id")).size),
         "loop_seconds": round(loop_seconds, 3),
         "tokens_per_second": round(new_rows / max(loop_seconds, 1e-9), 1),  # forward + capture + writes
     }
-    outputs = {
-        "states": "states.zarr",
-        "layers": {name: reader.layer_module(name) for name in reader.layers},
-        "rows": rows,
-        "bytes": run.size_bytes(run.partial_path(STAGE)),
-    }
-    manifest = build_manifest(stage=STAGE, config=config, inputs=inputs, outputs=outputs, stats=stats, started=started)
-    run.commit(STAGE, manifest)
-    info(f"[bold]dump[/]: {rows:,} rows × {len(sites)} MoE layers → {run.url_of(run.output_path(STAGE))}")
-    return manifest

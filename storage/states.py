@@ -45,6 +45,9 @@ SHARED_ARRAYS = {"token_id": np.int32, "doc_id": np.int64, "position": np.int32}
 LAYER_ARRAYS = ("x", "logits", "topk_idx", "topk_w")
 _X_STORAGE = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
 _MAX_CHUNK_BYTES = 64 * 2**20
+# attributes StatesWriter.create and its appends set themselves (the rest came from the caller)
+_STORE_ATTRS = {"format_version", "layers", "layer_modules", "hidden_size", "num_experts", "top_k", "x_dtype"}
+_STORE_ATTRS |= {"chunk_rows", "codec", "fingerprint", "committed_rows", "committed_seqs", "complete"}
 
 
 @dataclass(frozen=True)
@@ -219,15 +222,22 @@ class StatesWriter:
         shared: token_id/doc_id/position, each (n,). layers: per layer, x (n, H) tensor,
         logits (n, E), topk_idx (n, k), topk_w (n, k) tensors, in the store's layer order.
         """
-        start = self.committed_rows
-        n = len(shared["token_id"])
-        stop = start + n
         values: dict[str, np.ndarray] = {name: np.asarray(shared[name]) for name in SHARED_ARRAYS}
         for layer, data in zip(self.layers, layers, strict=True):
             values[f"{layer}/x"] = _x_storage(data["x"], self.attrs["x_dtype"])
             values[f"{layer}/logits"] = data["logits"].detach().float().cpu().numpy()
             values[f"{layer}/topk_idx"] = data["topk_idx"].detach().cpu().numpy()
             values[f"{layer}/topk_w"] = data["topk_w"].detach().float().cpu().numpy()
+        self.append_rows(values, n_seqs)
+
+    def append_rows(self, values: dict[str, np.ndarray], n_seqs: int) -> None:
+        """Write ``n`` rows already in storage form, then commit them.
+
+        values: one (n,) or (n, width) array per key of the store (``token_id``, ``layer_000/x``, …),
+        x as stored (bfloat16 as its uint16 bits): what a merge reads from another store of this layout.
+        """
+        start = self.committed_rows
+        stop = start + len(values["token_id"])
         sync(self._write_rows(start, stop, values))
         self._set_attrs(committed_rows=stop, committed_seqs=self.committed_seqs + n_seqs)
 
@@ -297,3 +307,40 @@ class StatesReader:
     def chunk_rows(self) -> int:
         """Rows per chunk of the layer arrays (reads aligned to it touch no chunk twice)."""
         return int(self.group[f"{self.layers[0]}/x"].chunks[0])
+
+    def layout(self) -> StoreLayout:
+        """The layout this store was created with (a store made from it has the same arrays and chunks)."""
+        a = self.attrs
+        indices = [int(self.group[layer].attrs["layer_index"]) for layer in self.layers]
+        return StoreLayout(
+            layer_modules=list(a["layer_modules"]),
+            layer_indices=indices,
+            hidden_size=int(a["hidden_size"]),
+            num_experts=int(a["num_experts"]),
+            top_k=int(a["top_k"]),
+            x_dtype=str(a["x_dtype"]),
+            chunk_rows=int(a["chunk_rows"]),
+            codec=str(a["codec"]),
+        )
+
+    def own_attrs(self) -> dict[str, Any]:
+        """The attributes its writer was given (model, corpus, …), without the ones the store keeps itself."""
+        return {key: value for key, value in self.attrs.items() if key not in _STORE_ATTRS}
+
+    def read_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Rows ``[start, stop)`` of every array, keyed as ``StatesWriter.append_rows`` takes them,
+        read concurrently (one round trip on object storage, not one per array)."""
+        keys = list(SHARED_ARRAYS) + [f"{layer}/{name}" for layer in self.layers for name in LAYER_ARRAYS]
+        arrays = [self.group[key]._async_array for key in keys]  # opened here: not on zarr's loop
+
+        async def read_all() -> list[Any]:
+            return await asyncio.gather(*(array.getitem(slice(start, stop)) for array in arrays))
+
+        try:
+            return dict(zip(keys, sync(read_all()), strict=True))
+        except Exception as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise LprError(
+                f"the states store {self.url} is damaged: rows {start:,}–{stop:,} cannot be read ({first})",
+                "dump it again with --force",
+            ) from err
