@@ -22,6 +22,7 @@ import hashlib
 import json
 import posixpath
 import re
+import uuid
 from typing import Any
 
 import fsspec
@@ -114,7 +115,7 @@ class RunDir:
 
     def write_text(self, path: str, text: str) -> None:
         """Write a small file atomically (temp file + rename) so readers never see half of it."""
-        tmp = path + ".tmp"
+        tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"  # one per writer: concurrent dump shards never share it
         try:
             with self.fs.open(tmp, "w", encoding="utf-8") as handle:
                 handle.write(text)
