@@ -2,9 +2,10 @@
 
 Stages come from ``pipeline.stage_registry.STAGE_FUNCTIONS`` (the CLI's list, so a stage added
 there is in the flow). A per-layer stage (``flows/layer_stages.py``) runs as plan → one task per
-layer on the configured task runner (threads or Dask) → commit by its own ``run_<stage>``; every
+layer on the configured task runner (threads or Dask) → commit by its own ``run_<stage>``; a
+sharded dump (``dump.shards`` > 1) runs as one task per shard on that runner → the merge; every
 other stage is one task. Skip and force follow the manifests: a rerun with nothing new skips every
-stage and creates no layer tasks.
+stage and creates no layer or shard tasks.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def lpr_distill(
         for stage in STAGE_FUNCTIONS:
             if stage in LAYER_STAGES:
                 results[stage] = _layer_stage(stage, runner, retry=retry, force=force, common=common)
+            elif stage == "dump" and cfg.dump.shards > 1:
+                results[stage] = _sharded_dump(runner, retry=retry, force=force, common=common)
             else:
                 results[stage] = tasks.stage_task.with_options(**retry)(stage=stage, force=force, **common)
     publish(tasks.open_run(run_dir, storage_options), results)
@@ -78,6 +81,23 @@ def _layer_stage(
     layer_results = [future.result() for future in futures]
     result = tasks.commit_task.with_options(**retry)(stage=stage, started=started, **common)
     return result | {"layer_results": layer_results}
+
+
+def _sharded_dump(
+    runner: Callable[[], TaskRunner], *, retry: dict, force: bool, common: dict[str, Any]
+) -> dict[str, Any]:
+    """``dump.shards`` shard tasks on the runner, then the merge (the dump's own ``run_dump``)."""
+    if not force and tasks.dump_current_task.with_options(**retry)(**common):
+        return {"stage": "dump", "skipped": True, "finished_at": "", "seconds": 0.0, "stats": {}} | _manifest_outcome(
+            "dump", common
+        )
+    shards = list(range(common["cfg"].dump.shards))
+    parameters = {"index": shards} | {key: unmapped(value) for key, value in (common | {"force": force}).items()}
+    futures = runner().map(tasks.dump_shard_task.with_options(**retry), parameters)
+    wait(futures)  # every shard finishes (or fails) first: a finished shard is kept for the rerun
+    shard_results = [future.result() for future in futures]
+    result = tasks.stage_task.with_options(**retry)(stage="dump", force=False, **common)  # the shards were forced
+    return result | {"shard_results": shard_results}
 
 
 def _manifest_outcome(stage: str, common: dict[str, Any]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from prefect.logging import get_run_logger
 
 from flows.layer_stages import LAYER_STAGES, plan_stage
 from pipeline.config import RunConfig, to_yaml
+from pipeline.dump_shards import ShardSpec, dump_up_to_date, run_dump_shard
 from pipeline.errors import LprError
 from pipeline.stage_registry import STAGE_FUNCTIONS
 from storage.rundir import Manifest, RunDir
@@ -68,6 +69,23 @@ def stage_task(
     manifest = STAGE_FUNCTIONS[stage](cfg=cfg, run=open_run(run_dir, storage_options), force=force)
     _say(stage, manifest)
     return outcome(stage, manifest)
+
+
+@task(name="dump-current", task_run_name="dump-current", **_options)
+def dump_current_task(cfg: RunConfig, run_dir: str, storage_options: dict[str, Any] | None) -> bool:
+    """Whether the dump's manifest matches (a sharded dump then submits no shard task)."""
+    return dump_up_to_date(cfg=cfg, run=open_run(run_dir, storage_options))
+
+
+@task(name="dump-shard", task_run_name="dump-shard-{index}", **_options)
+def dump_shard_task(
+    index: int, cfg: RunConfig, run_dir: str, storage_options: dict[str, Any] | None, force: bool
+) -> dict[str, Any]:
+    """One worker of a sharded dump (what `lpr-distill dump RUN --shard I/N` runs): its slice, its own store."""
+    shard = ShardSpec(index, cfg.dump.shards)
+    result = run_dump_shard(cfg=cfg, run=open_run(run_dir, storage_options), shard=shard, force=force)
+    get_run_logger().info(f"dump shard {shard}: {result['rows']:,} rows")
+    return result
 
 
 @task(name="plan", task_run_name="{stage}-plan", **_options)

@@ -88,7 +88,8 @@ def dump(
     with _saving_config(run, cfg):
         result = run_dump_shard(cfg=cfg, run=run, shard=spec, force=force)
     if not result["skipped"]:
-        out.print(f"[green]✓[/] dump shard {spec} complete ({result['rows']:,} rows); `dump` merges all {spec.count}")
+        resumed = f", resumed at row {result['resumed_from_row']:,}" if result.get("resumed_from_row") else ""
+        out.print(f"[green]✓[/] dump shard {spec} complete: {result['rows']:,} rows{resumed}; then `dump` merges")
 
 
 @app.command()

@@ -82,6 +82,11 @@ def shard_slice(
             yield from batch
 
 
+def dump_up_to_date(*, cfg: RunConfig, run: RunDir) -> bool:
+    """Whether the dump's manifest matches ``cfg`` (a sharded rerun then starts no worker at all)."""
+    return run.matching_manifest(STAGE, plan_dump(cfg).fingerprint) is not None
+
+
 def run_dump_shard(*, cfg: RunConfig, run: RunDir, shard: ShardSpec, force: bool = False) -> dict[str, Any]:
     """Dump one shard into its own store (resumed after a kill); the manifest waits for the merge.
 
