@@ -58,6 +58,7 @@ def shard_url(run: RunDir, index: int, count: int) -> str:
 
 def shard_states(run: RunDir) -> list[ShardState]:
     """Every shard store in the run directory (any count, any fingerprint), in (count, index) order."""
+    run.fs.invalidate_cache(run.path(SHARDS_DIR))  # object stores cache listings; other workers add to this one
     try:
         entries = run.fs.ls(run.path(SHARDS_DIR), detail=False)
     except FileNotFoundError:

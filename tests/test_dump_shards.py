@@ -32,8 +32,8 @@ from storage.states import LAYER_ARRAYS, SHARED_ARRAYS, StatesReader
 from tests.conftest import tiny_run_config
 from tests.test_object_storage import _free_port
 
-# 1 sequence of 32 tokens per batch: ~190 batches, so a worker can be killed mid-way
-SUBPROCESS_DUMP = {"batch_tokens": 32, "chunk_rows": 256, "max_tokens": 6000}
+# 2 sequences of 32 tokens per batch: 63 batches, so a worker can be killed mid-way
+SUBPROCESS_DUMP = {"batch_tokens": 64, "chunk_rows": 256, "max_tokens": 4000}
 
 
 def _cli(*args: str) -> list[str]:
@@ -41,7 +41,8 @@ def _cli(*args: str) -> list[str]:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    return os.environ | {"LPR_DISTILL_QUIET": "1", "PYTHONPATH": os.getcwd()} | extra
+    # one thread per process: the workers share the cores (and compute as the reference process does)
+    return os.environ | {"LPR_DISTILL_QUIET": "1", "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"} | extra
 
 
 def assert_same_store(a: StatesReader, b: StatesReader) -> None:
@@ -229,7 +230,7 @@ def _watch(run: RunDir, procs: list[subprocess.Popen]) -> bool:
     while any(proc.poll() is None for proc in procs):
         states = shard_states(run)
         together |= len(states) == len(procs) and all(s.rows > 0 and not s.complete for s in states)
-        time.sleep(0.05)
+        time.sleep(0.1)
     return together
 
 
@@ -296,9 +297,13 @@ def test_a_killed_worker_resumes_and_the_store_equals_the_single_process_one(tmp
     assert "is not complete: shard 1/2 (" in merge.stderr and "rows so far)" in merge.stderr
     assert not run_status(run)["stages"]["dump"]["complete"]
 
-    rerun = _finish(_workers(run_dir, config_file, 2, _env())[1:])  # only worker 1 again
-    assert "resumed at row" in rerun[0]
-    subprocess.run(_cli("dump", run_dir), check=True, env=_env())
+    rerun = subprocess.run(
+        _cli("dump", run_dir, "--shard", "1/2"), capture_output=True, text=True, env=_env(), check=True
+    )  # worker 1 again (its config from the run's config.yaml)
+    assert "resumed at row" in rerun.stdout
+    data = yaml.safe_load(config_file.read_text())
+    data["dump"]["shards"] = 2
+    assert run_dump(cfg=build_config(data), run=run).stats["shards"] == 2  # the merge, in this process
     assert run_status(run)["stages"]["dump"]["complete"]
     merged = StatesReader(run_dir + "/states.zarr")
     assert_every_token_once(merged, reference)
@@ -341,7 +346,8 @@ def test_two_concurrent_workers_into_one_s3_store(config_file, reference, s3_env
     assert not run_status(run)["stages"]["dump"]["complete"]
     subprocess.run(_cli("dump", run_dir), check=True, env=_env(**env))
     assert run_status(run)["stages"]["dump"]["complete"]
-    assert not run.fs.exists(f"lpr-shards/run/{SHARDS_DIR}")
+    run.fs.invalidate_cache()  # this process listed the shards while the workers wrote
+    assert not run.fs.find(f"lpr-shards/run/{SHARDS_DIR}")
     merged = StatesReader(run_dir + "/states.zarr", options)
     assert_every_token_once(merged, reference)
     assert_same_store(merged, reference)
