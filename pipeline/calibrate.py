@@ -77,14 +77,18 @@ def router_latents(model: nn.Module, router: LatentPrototypeRouter, ids: torch.T
     return torch.cat(latents)
 
 
-def calibrate_in_model(model: nn.Module, ids: torch.Tensor, *, batch: int = 16) -> dict[str, dict[str, Any]]:
+def calibrate_in_model(
+    model: nn.Module, ids: torch.Tensor, *, batch: int = 16, quiet: bool = False
+) -> dict[str, dict[str, Any]]:
     """Calibrate the bias of every LPR router installed in ``model`` on the sequences ids (n, S), in
-    layer order. Returns per router module name the calibration figures (rows, min/max slots)."""
+    layer order. Returns per router module name the calibration figures (rows, min/max slots).
+    ``quiet`` drops the progress bar (when called inside another stage's bar)."""
     sites = [site for site in find_routers(model) if isinstance(site.module, LatentPrototypeRouter)]
     results = {}
-    with progress_bar("calibrate bias in the model", len(sites)) as bar:
+    with contextlib.nullcontext(None) if quiet else progress_bar("calibrate bias in the model", len(sites)) as bar:
         for site in sites:
             site.module.bias.zero_()
             results[site.name] = calibrate_bias(site.module, router_latents(model, site.module, ids, batch))
-            bar.advance(1, note=site.name)
+            if bar is not None:
+                bar.advance(1, note=site.name)
     return results

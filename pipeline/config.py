@@ -100,6 +100,10 @@ class DistillConfig(_Section):
     model_candidates: int = Field(2, ge=0)  # runner-up experts per token given straight-through weights
     model_val_sequences: int = Field(32, ge=1)  # training-side sequences kept out for early stopping
     model_eval_every: int = Field(50, ge=1)
+    # the routers train with their choice bias calibrated in the model every this many steps (0: trained
+    # without a bias, calibrated once at the end), so the fidelity term sees the balanced routing it will have
+    model_calibrate_every: int = Field(25, ge=0)
+    model_calibration_sequences: int = Field(64, ge=1)  # the first this many calibration sequences, while training
     # the final choice-bias calibration in the model (training-side documents, never the held-out ones)
     calibration_sequences: int = Field(256, ge=1)
 

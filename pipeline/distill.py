@@ -269,7 +269,7 @@ def distill_model_level(*, cfg: RunConfig, run: RunDir, layers: list[str], fp: s
     calibration, val, train = sequences.calibration, sequences.val, sequences.train
     stats: dict[str, Any] = {"steps": d.model_steps, "train_sequences": len(train), "seq_len": cfg.corpus.seq_len}
     if d.model_steps > 0:
-        result = distill_in_model(model, routers, train, val, d, seed=cfg.seed)
+        result = distill_in_model(model, routers, train, val, d, seed=cfg.seed, calibration=calibration)
         stats |= {key: result[key] for key in ("best", "seconds", "tokens_per_second")}
         stats["history"] = result["history"]
         best = result["best"]

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.calibrate import calibrate_in_model
 from pipeline.config import DistillConfig
 from pipeline.distill import sinkhorn_balance, warmup_cosine
 from pipeline.families import as_triple
@@ -136,19 +137,29 @@ def distill_in_model(
     val: torch.Tensor,
     cfg: DistillConfig,
     seed: int,
+    calibration: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Train ``routers`` (keyed by router module name) in place inside ``model`` on the sequences
     train (n, S), batch after batch, each seen once when n ≥ model_steps · model_batch_sequences;
-    keep the parameters of the best step on val (m, S) by (1 − balance) · KL + balance · balance loss. ``model``
-    holds its original routers on entry and on return."""
+    keep the parameters of the best step on val (m, S) by (1 − balance) · KL + balance · balance loss. With
+    ``calibration`` sequences (c, S) and ``model_calibrate_every`` > 0, the choice bias is calibrated in the
+    model on them before the first step and every that many steps, so the routers learn under the balanced
+    routing they will serve with. ``model`` holds its original routers on entry and on return."""
+
     originals = {site.name: site.module for site in find_routers(model)}
     device = next(model.parameters()).device
     frozen = [p for p in model.parameters() if p.requires_grad]
     for parameter in frozen:
         parameter.requires_grad_(False)
     for router in routers.values():
-        router.bias.zero_()  # routing without a bias while training; calibrated in the model afterwards
+        router.bias.zero_()
     install_routers(model, routers)
+    every = cfg.model_calibrate_every if calibration is not None else 0
+
+    def calibrate() -> None:
+        with torch.no_grad():
+            calibrate_in_model(model, calibration[: cfg.model_calibration_sequences], batch=16, quiet=True)
+
     params = [p for router in routers.values() for p in router.parameters()]
     for parameter in params:
         parameter.requires_grad_(True)
@@ -160,6 +171,8 @@ def distill_in_model(
     batch = cfg.model_batch_sequences
     started = time.time()
     try:
+        if every:
+            calibrate()
         best = {"step": 0, **_evaluate(model, originals, routers, taps, val.to(device), cfg, batch)}
         best_state = {name: {k: v.clone() for k, v in r.state_dict().items()} for name, r in routers.items()}
         history = [dict(best)]
@@ -173,6 +186,8 @@ def distill_in_model(
                 loss.backward()
                 optimizer.step()
                 schedule.step()
+                if every and step % every == 0 and step < steps:
+                    calibrate()
                 note = f"KL {kl.item():.4f} balance {balance.item():.4f}"
                 if step % cfg.model_eval_every == 0 or step == steps:
                     current = {"step": step, **_evaluate(model, originals, routers, taps, val.to(device), cfg, batch)}

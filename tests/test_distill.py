@@ -134,6 +134,22 @@ def test_model_level_trains_routers_only_and_calibrates_in_the_model(distilled, 
         assert z.shape == (10 * 16, site.module.spec.latent_dim)
 
 
+def test_model_level_trains_under_the_calibrated_bias(distilled, tiny_model):
+    """With calibration sequences the routers route with a calibrated bias from the first step: the
+    step-0 evaluation on those same sequences is balanced, while without them the routers route unbiased."""
+    from pipeline.config import DistillConfig
+    from pipeline.model_distill import distill_in_model
+    from pipeline.models import load_model
+
+    cfg, run, _ = distilled
+    model, _ = load_model(cfg.model, str(tiny_model))
+    ids = torch.randint(0, model.config.vocab_size, (16, 16), generator=torch.Generator().manual_seed(1))
+    d = DistillConfig(**(cfg.distill.model_dump() | {"model_steps": 2, "model_calibrate_every": 1}))
+    unbiased = distill_in_model(model, distilled_routers(run)[0], ids[:4], ids, d, seed=0)
+    calibrated = distill_in_model(model, distilled_routers(run)[0], ids[:4], ids, d, seed=0, calibration=ids)
+    assert calibrated["history"][0]["gini"] < 0.02 < unbiased["history"][0]["gini"]
+
+
 @pytest.mark.parametrize("steps", [1, 2, 3, 20, 600])
 def test_warmup_cosine_schedule_works_for_any_number_of_steps(steps):
     from pipeline.distill import warmup_cosine
