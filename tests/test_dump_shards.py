@@ -152,6 +152,40 @@ def test_shards_one_after_another_merge_to_the_single_process_store(tmp_path, ti
     assert run_dump_shard(cfg=cfg, run=run, shard=ShardSpec(0, 3))["skipped"]
 
 
+def test_an_interrupted_merge_resumes(tmp_path, tiny_model, tiny_corpus, monkeypatch):
+    """The merge stops after two commits (a fault in its third write); the rerun continues from the
+    committed rows and ends with the single-process store."""
+    from storage.states import StatesWriter
+
+    single = RunDir(str(tmp_path / "single"))
+    single.ensure()
+    run_dump(cfg=_config(tiny_model, tiny_corpus, chunk_rows=256, batch_tokens=64), run=single)
+    cfg = _config(tiny_model, tiny_corpus, chunk_rows=256, batch_tokens=64, shards=2)
+    run = RunDir(str(tmp_path / "sharded"))
+    run.ensure()
+    for index in (0, 1):
+        run_dump_shard(cfg=cfg, run=run, shard=ShardSpec(index, 2))
+    real, calls = StatesWriter.append_rows, []
+
+    def failing(self, values, n_seqs):
+        calls.append(n_seqs)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(self, values, n_seqs)
+
+    monkeypatch.setattr(StatesWriter, "append_rows", failing)
+    with pytest.raises(OSError):
+        run_dump(cfg=cfg, run=run)
+    monkeypatch.setattr(StatesWriter, "append_rows", real)
+    assert not run_status(run)["stages"]["dump"]["complete"]
+    assert StatesReader(run.url_of(run.partial_path("dump"))).num_rows == 2 * 256  # two chunks of 4 × 64 rows
+    merged = run_dump(cfg=cfg, run=run)
+    assert merged.stats["resumed_from_row"] == 512
+    assert_same_store(
+        StatesReader(run.url_of(run.output_path("dump"))), StatesReader(single.url_of(single.output_path("dump")))
+    )
+
+
 def test_a_different_shard_count_is_refused(tmp_path, tiny_model, tiny_corpus):
     run = RunDir(str(tmp_path / "run"))
     run.ensure()
