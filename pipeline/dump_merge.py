@@ -3,8 +3,11 @@
 Worker i of N dumped the batches g ≡ i (mod N) of the train split's packed-sequence stream (see
 ``pipeline.dump_shards``), each batch formed exactly as the single-process dump forms it. Putting
 the batches back in the order g = 0, 1, 2, … therefore gives the single-process store row for row.
-The merge is itself a crash-safe append (``StatesWriter``): a killed merge resumes at its first
-uncommitted batch. It reads each shard once and writes each row once, in whole chunks.
+When each batch is one chunk (the default ``chunk_rows``), the merge places the shards' chunk files
+under their merged names (hard links on local disk, server-side copies on object storage) and
+writes only metadata; otherwise it is a crash-safe append (``StatesWriter``) of the rows, a chunk at
+a time, and a killed merge resumes at its first uncommitted batch. Either way the shard stores stay
+intact until the merged store is committed, so an interrupted merge can always be redone.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import numpy as np
 from pipeline.errors import LprError
 from pipeline.progress import info
 from storage.rundir import RunDir
-from storage.shards import SHARD_ATTRS, open_shard, shard_states
+from storage.shards import SHARD_ATTRS, open_shard, place_chunks, shard_path, shard_states
 from storage.states import StatesReader, StatesWriter
 
 
@@ -73,26 +76,61 @@ def _check_slices(shards: list[StatesReader], bounds: list[np.ndarray], seqs: li
 
 
 def merge_shards(*, run: RunDir, count: int, fingerprint: str, store_url: str) -> dict[str, Any]:
-    """Write every complete shard's rows into the store at ``store_url`` in stream order; returns stats."""
+    """Write every complete shard's rows into the store at ``store_url`` in stream order; returns stats.
+
+    When every batch is one chunk of its shard (``chunk_rows`` = rows per batch, the default) the
+    chunk files are placed (hard links locally, server-side copies on object storage): no row is
+    read or written by this process. Otherwise the rows are read and rewritten, a chunk at a time.
+    """
     started = time.time()
     shards = complete_shards(run, count=count, fingerprint=fingerprint)
     per_batch = int(shards[0].attrs["batch_seqs"])
     cuts = [batch_bounds(shard.read("position"), per_batch) for shard in shards]
     bounds, seqs = [c[0] for c in cuts], [c[1] for c in cuts]
     total = _check_slices(shards, bounds, seqs)
-
     writer = StatesWriter.resume(store_url, fingerprint=fingerprint, storage_options=run.storage_options)
     if writer is None:
-        own = {k: v for k, v in shards[0].own_attrs().items() if k not in SHARD_ATTRS}
         writer = StatesWriter.create(
             store_url,
             layout=shards[0].layout(),
-            attrs=own,
+            attrs={k: v for k, v in shards[0].own_attrs().items() if k not in SHARD_ATTRS},
             fingerprint=fingerprint,
             storage_options=run.storage_options,
         )
-    # resume after the batches already committed (a killed merge, or a single-process partial of the
-    # same fingerprint: the same rows)
+    resumed_rows = writer.committed_rows
+    if _chunks_are_batches(shards, bounds, total):
+        how: list[str] = []
+        pairs = _chunk_pairs(run, shards, total)
+        rows, n_seqs = sum(shard.num_rows for shard in shards), sum(int(s.sum()) for s in seqs)
+        writer.adopt_rows(rows, n_seqs, lambda: how.append(place_chunks(run, pairs)))
+        mode = how[0]
+    else:
+        _rewrite(shards, bounds, seqs, total, writer, store_url)
+        mode = "rewrite"
+    writer.finish({})
+    seconds = time.time() - started
+    return {
+        "shards": count,
+        "batches": total,
+        "merge": mode,
+        "resumed_from_row": resumed_rows,
+        "merge_seconds": round(seconds, 3),
+        "merge_rows_per_second": round((writer.committed_rows - resumed_rows) / max(seconds, 1e-9), 1),
+        "shard_rows": [shard.num_rows for shard in shards],
+    }
+
+
+def _rewrite(
+    shards: list[StatesReader],
+    bounds: list[np.ndarray],
+    seqs: list[np.ndarray],
+    total: int,
+    writer: StatesWriter,
+    store_url: str,
+) -> None:
+    """Append the batches in stream order, from the first one ``writer`` has not committed (a killed
+    merge, or a single-process partial of the same fingerprint: the same rows), a chunk at a time."""
+    count = len(shards)
     first, done = 0, 0
     while first < total and done < writer.committed_seqs:
         done += int(seqs[first % count][first // count])
@@ -103,7 +141,6 @@ def merge_shards(*, run: RunDir, count: int, fingerprint: str, store_url: str) -
         )
     if writer.committed_rows:
         info(f"[bold]dump[/]: resuming the merge at row {writer.committed_rows:,} (batch {first:,} of {total:,})")
-    resumed_rows = writer.committed_rows
     chunk = int(writer.attrs["chunk_rows"])
     group: list[int] = []
     for g in range(first, total):
@@ -112,17 +149,38 @@ def merge_shards(*, run: RunDir, count: int, fingerprint: str, store_url: str) -
         if (writer.committed_rows + rows) % chunk == 0 or rows >= chunk or g == total - 1:
             _copy(shards, bounds, seqs, group, writer)
             group = []
-    writer.finish({})
-    seconds = time.time() - started
-    copied = writer.committed_rows - resumed_rows
-    return {
-        "shards": count,
-        "batches": total,
-        "resumed_from_row": resumed_rows,
-        "merge_seconds": round(seconds, 3),
-        "merge_rows_per_second": round(copied / max(seconds, 1e-9), 1),
-        "shard_rows": [shard.num_rows for shard in shards],
-    }
+
+
+def _chunks_are_batches(shards: list[StatesReader], bounds: list[np.ndarray], total: int) -> bool:
+    """Whether every batch is exactly one chunk in its shard (``chunk_rows`` = rows per batch, the
+    default): then global batch g is chunk g of the merged store, and the merge places chunk files."""
+    chunk = shards[0].chunk_rows
+    if any(shard.chunk_rows != chunk or shard.attrs["codec"] != shards[0].attrs["codec"] for shard in shards):
+        return False
+    for index, bound in enumerate(bounds):
+        sizes = np.diff(bound)
+        last_is_stream_end = index == (total - 1) % len(shards)
+        if (sizes[:-1] != chunk).any() or sizes[-1] > chunk or (sizes[-1] != chunk and not last_is_stream_end):
+            return False
+    return True
+
+
+def _chunk_pairs(run: RunDir, shards: list[StatesReader], total: int) -> list[tuple[str, str]]:
+    """(shard chunk file, merged chunk file) for every array and batch: batch g is chunk g // N of shard g % N."""
+    target = run.partial_path("dump")
+    count, pairs = len(shards), []
+    for key in shards[0].array_keys():
+        meta = shards[0].group[key].metadata
+        tail = (0,) * (len(meta.shape) - 1)
+        for g in range(total):
+            source = shard_path(run, g % count, count)
+            pairs.append(
+                (
+                    f"{source}/{key}/{meta.encode_chunk_key((g // count, *tail))}",
+                    f"{target}/{key}/{meta.encode_chunk_key((g, *tail))}",
+                )
+            )
+    return pairs
 
 
 def _rows(bounds: list[np.ndarray], count: int, g: int) -> int:

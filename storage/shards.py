@@ -17,6 +17,8 @@ written when the shard is complete).
 from __future__ import annotations
 
 import contextlib
+import os
+import posixpath
 import re
 from dataclasses import dataclass
 
@@ -103,3 +105,30 @@ def remove_shard(run: RunDir, index: int, count: int) -> None:
 def remove_all_shards(run: RunDir) -> None:
     """After the merge is committed the shard stores are no longer needed."""
     remove_tree(run, run.path(SHARDS_DIR))
+
+
+def place_chunks(run: RunDir, pairs: list[tuple[str, str]]) -> str:
+    """Make each target chunk file hold its source's bytes without this process reading them.
+
+    pairs: (source, target) paths inside the run directory. Local disk: a hard link (no byte is
+    copied; the shard keeps its file until the shards are removed, so an interrupted merge loses
+    nothing); an object store: a server-side copy. A target already there is replaced, so a resumed
+    merge simply places every chunk again. Returns how: "link", "copy" (no hard links here) or
+    "server-side copy".
+    """
+    if not run.is_local:
+        run.fs.copy([src for src, _ in pairs], [dst for _, dst in pairs])
+        return "server-side copy"
+    how = "link"
+    for src, dst in pairs:
+        os.makedirs(posixpath.dirname(dst), exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(dst)
+        try:
+            os.link(src, dst)
+        except FileNotFoundError:
+            raise LprError(f"the shard chunk {src} is missing", "dump that shard again with --force") from None
+        except OSError:  # a file system without hard links, or another device
+            run.fs.copy(src, dst)
+            how = "copy"
+    return how

@@ -26,6 +26,7 @@ import contextlib
 import functools
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -254,13 +255,22 @@ class StatesWriter:
 
         await asyncio.gather(*(write(key, array) for key, array in self._arrays.items()))
 
+    def adopt_rows(self, rows: int, n_seqs: int, place_chunks: Callable[[], None]) -> None:
+        """Commit ``rows`` rows whose chunk files ``place_chunks`` puts in place (a merge that links
+        or copies whole chunks instead of rewriting them): shapes first, then the chunks, then the count."""
+        self._resize(rows)
+        place_chunks()
+        self._set_attrs(committed_rows=rows, committed_seqs=n_seqs)
+
     def finish(self, extra: dict[str, Any]) -> None:
         """Trim every array to the committed rows and mark the store complete."""
-        rows = self.committed_rows
+        self._resize(self.committed_rows)
+        self._set_attrs(complete=True, **extra)
+
+    def _resize(self, rows: int) -> None:
         for array in self._arrays.values():
             if array.shape[0] != rows:
                 array.resize((rows, *array.shape[1:]))
-        self._set_attrs(complete=True, **extra)
 
     def _set_attrs(self, **values: Any) -> None:
         self.attrs.update(values)
@@ -327,10 +337,13 @@ class StatesReader:
         """The attributes its writer was given (model, corpus, …), without the ones the store keeps itself."""
         return {key: value for key, value in self.attrs.items() if key not in _STORE_ATTRS}
 
+    def array_keys(self) -> list[str]:
+        return list(SHARED_ARRAYS) + [f"{layer}/{name}" for layer in self.layers for name in LAYER_ARRAYS]
+
     def read_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """Rows ``[start, stop)`` of every array, keyed as ``StatesWriter.append_rows`` takes them,
         read concurrently (one round trip on object storage, not one per array)."""
-        keys = list(SHARED_ARRAYS) + [f"{layer}/{name}" for layer in self.layers for name in LAYER_ARRAYS]
+        keys = self.array_keys()
         arrays = [self.group[key]._async_array for key in keys]  # opened here: not on zarr's loop
 
         async def read_all() -> list[Any]:

@@ -121,12 +121,19 @@ def _config(tiny_model, tiny_corpus, **dump):
     return build_config(tiny_run_config(tiny_model, tiny_corpus, max_tokens=1500, **dump))
 
 
-def test_shards_one_after_another_merge_to_the_single_process_store(tmp_path, tiny_model, tiny_corpus):
+@pytest.mark.parametrize(
+    ("layout", "mode"),
+    [
+        ({"batch_tokens": 128, "chunk_rows": 256}, "rewrite"),  # two batches per chunk: rows are rewritten
+        ({"batch_tokens": 256, "chunk_rows": 256}, "link"),  # a batch is a chunk: chunk files are hard-linked
+    ],
+)
+def test_shards_one_after_another_merge_to_the_single_process_store(tmp_path, tiny_model, tiny_corpus, layout, mode):
     single = RunDir(str(tmp_path / "single"))
     single.ensure()
-    reference = run_dump(cfg=_config(tiny_model, tiny_corpus), run=single)
+    reference = run_dump(cfg=_config(tiny_model, tiny_corpus, **layout), run=single)
 
-    cfg = _config(tiny_model, tiny_corpus, shards=3)
+    cfg = _config(tiny_model, tiny_corpus, shards=3, **layout)
     run = RunDir(str(tmp_path / "sharded"))
     run.ensure()
     for index in (2, 0):  # any order
@@ -142,6 +149,7 @@ def test_shards_one_after_another_merge_to_the_single_process_store(tmp_path, ti
     assert run_status(run)["stages"]["dump"]["complete"]
     assert merged.fingerprint == reference.fingerprint and merged.config == reference.config
     assert merged.stats["shards"] == 3 and merged.outputs["rows"] == reference.outputs["rows"]
+    assert merged.stats["merge"] == mode
     assert sum(merged.stats["shard_rows"]) == reference.outputs["rows"]
     assert not run.fs.exists(run.path(SHARDS_DIR))  # shard stores go once the merge is committed
     a = StatesReader(run.url_of(run.output_path("dump")))
@@ -181,6 +189,41 @@ def test_an_interrupted_merge_resumes(tmp_path, tiny_model, tiny_corpus, monkeyp
     assert StatesReader(run.url_of(run.partial_path("dump"))).num_rows == 2 * 256  # two chunks of 4 × 64 rows
     merged = run_dump(cfg=cfg, run=run)
     assert merged.stats["resumed_from_row"] == 512
+    assert_same_store(
+        StatesReader(run.url_of(run.output_path("dump"))), StatesReader(single.url_of(single.output_path("dump")))
+    )
+
+
+def test_an_interrupted_chunk_link_merge_is_redone(tmp_path, tiny_model, tiny_corpus, monkeypatch):
+    """The link merge stops after 10 of its chunk files; the shard stores are intact, the rerun places
+    every chunk again and ends with the single-process store."""
+    import storage.shards
+
+    layout = {"batch_tokens": 256, "chunk_rows": 256}
+    single = RunDir(str(tmp_path / "single"))
+    single.ensure()
+    run_dump(cfg=_config(tiny_model, tiny_corpus, **layout), run=single)
+    cfg = _config(tiny_model, tiny_corpus, shards=2, **layout)
+    run = RunDir(str(tmp_path / "sharded"))
+    run.ensure()
+    for index in (0, 1):
+        run_dump_shard(cfg=cfg, run=run, shard=ShardSpec(index, 2))
+    real, calls = os.link, []
+
+    def failing(src, dst, **kwargs):  # zarr links its own temp files too: count only the shard chunks
+        if SHARDS_DIR in str(src):
+            calls.append(dst)
+            if len(calls) > 10:
+                raise RuntimeError("killed")
+        real(src, dst, **kwargs)
+
+    monkeypatch.setattr(storage.shards.os, "link", failing)
+    with pytest.raises(RuntimeError):
+        run_dump(cfg=cfg, run=run)
+    monkeypatch.setattr(storage.shards.os, "link", real)
+    assert not run_status(run)["stages"]["dump"]["complete"]
+    assert StatesReader(run.url_of(run.partial_path("dump"))).num_rows == 0  # nothing committed yet
+    assert run_dump(cfg=cfg, run=run).stats["merge"] == "link"
     assert_same_store(
         StatesReader(run.url_of(run.output_path("dump"))), StatesReader(single.url_of(single.output_path("dump")))
     )
