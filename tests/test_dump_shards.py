@@ -263,19 +263,27 @@ def test_cli_bad_shard_is_one_line_and_writes_nothing(tmp_path):
 # --- concurrent worker processes -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def config_file(tmp_path_factory, tiny_model, tiny_corpus):
+def _config_file(tmp_path_factory, tiny_model, tiny_corpus, **dump):
     path = tmp_path_factory.mktemp("shard-config") / "run.yaml"
-    path.write_text(yaml.safe_dump(tiny_run_config(tiny_model, tiny_corpus, **SUBPROCESS_DUMP)))
+    path.write_text(yaml.safe_dump(tiny_run_config(tiny_model, tiny_corpus, **SUBPROCESS_DUMP | dump)))
     return path
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, config_file) -> StatesReader:
+def _reference(tmp_path_factory, config_file) -> StatesReader:
     """The single-process dump of the same config, by the CLI in its own process."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     subprocess.run(_cli("dump", str(run_dir), "--config", str(config_file)), check=True, env=_env())
     return StatesReader(str(run_dir / "states.zarr"))
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory, tiny_model, tiny_corpus):
+    return _config_file(tmp_path_factory, tiny_model, tiny_corpus)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, config_file) -> StatesReader:
+    return _reference(tmp_path_factory, config_file)
 
 
 def _workers(run_dir: str, config_file, count: int, env: dict[str, str]) -> list[subprocess.Popen]:
@@ -412,8 +420,11 @@ def s3_env():
 
 @pytest.mark.slow
 @pytest.mark.server
-def test_two_concurrent_workers_into_one_s3_store(config_file, reference, s3_env):
+def test_two_concurrent_workers_into_one_s3_store(tmp_path_factory, tiny_model, tiny_corpus, s3_env):
+    """A batch is a chunk here (256 rows), so the merge is server-side copies of the shards' chunks."""
     env, options = s3_env
+    config_file = _config_file(tmp_path_factory, tiny_model, tiny_corpus, batch_tokens=256, chunk_rows=256)
+    reference = _reference(tmp_path_factory, config_file)
     run_dir = "s3://lpr-shards/run"
     run = RunDir(run_dir, storage_options=options)
     procs = _workers(run_dir, config_file, 2, _env(**env))
@@ -423,6 +434,7 @@ def test_two_concurrent_workers_into_one_s3_store(config_file, reference, s3_env
     assert not run_status(run)["stages"]["dump"]["complete"]
     subprocess.run(_cli("dump", run_dir), check=True, env=_env(**env))
     assert run_status(run)["stages"]["dump"]["complete"]
+    assert run.read_manifest("dump").stats["merge"] == "server-side copy"
     run.fs.invalidate_cache()  # this process listed the shards while the workers wrote
     assert not run.fs.find(f"lpr-shards/run/{SHARDS_DIR}")
     merged = StatesReader(run_dir + "/states.zarr", options)
