@@ -100,8 +100,8 @@ def run_dump_shard(*, cfg: RunConfig, run: RunDir, shard: ShardSpec, force: bool
     if not force and (done := run.matching_manifest(STAGE, plan.fingerprint)) is not None:
         info(f"[bold]dump[/]: up to date (manifest matches, finished {done.finished_at}); shard {shard} skipped")
         return {"shard": str(shard), "skipped": True, "rows": 0}
+    _check_other_shards(run, shard, plan.fingerprint, force=force)  # before anything changes
     _invalidate(run)
-    _check_other_shards(run, shard, plan.fingerprint, force=force)
     url = shard_url(run, shard.index, shard.count)
     if force:
         remove_shard(run, shard.index, shard.count)

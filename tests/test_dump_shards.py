@@ -236,6 +236,7 @@ def test_a_different_shard_count_is_refused(tmp_path, tiny_model, tiny_corpus):
     three = _config(tiny_model, tiny_corpus, shards=3)
     with pytest.raises(LprError, match=r"is sharded 2 ways \(shard 0/2\), but --shard 1/3 asks for 3"):
         run_dump_shard(cfg=three, run=run, shard=ShardSpec(1, 3))
+    assert sorted(p.rsplit("/", 1)[-1] for p in run.fs.ls(run.path(SHARDS_DIR))) == ["0_of_2"]  # left as it was
     with pytest.raises(LprError, match=r"--shard 1/3 does not match dump.shards=2"):
         run_dump_shard(cfg=_config(tiny_model, tiny_corpus, shards=2), run=run, shard=ShardSpec(1, 3))
     run_dump_shard(cfg=three, run=run, shard=ShardSpec(1, 3), force=True)  # --force discards the 2-way shards
