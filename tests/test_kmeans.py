@@ -7,7 +7,7 @@ import pytest
 from scipy.optimize import linear_sum_assignment, linprog
 
 from pipeline.errors import LprError
-from pipeline.kmeans import balanced_assign, balanced_kmeans, update_centroids
+from pipeline.kmeans import BalancedAssigner, balanced_assign, balanced_kmeans, update_centroids
 
 
 def _points(n: int, d: int, seed: int) -> np.ndarray:
@@ -105,6 +105,25 @@ def test_prices_reproduce_the_assignment(n, k, kp):
     assert (assigned <= kth_best[:, None] + 2 * eps + 1e-3 * eps + 1e-6).all()
     slots = np.bincount(held.reshape(-1), minlength=k)
     assert slots.max() - slots.min() <= 1
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_intermediate_steps_meet_their_stated_tolerance(seed):
+    """A Lloyd step before the last stops at a coarser ε (the one it returns, also in stats as
+    ``eps_relative``); by LP duality its cost is at most persons·ε above the exact balanced optimum."""
+    rng = np.random.default_rng(seed)
+    n, k = 91, 5  # 91 mod 5 = 1: one cluster of 19, four of 18, filled with help of 4 dummies
+    x = _points(n, 3, seed)
+    centroids = x[rng.choice(n, k, replace=False)].astype(np.float32)
+    assigner = BalancedAssigner(x, k, top_k=1, tol=1e-4)
+    for _ in range(4):
+        held, costs, eps = assigner.step(centroids)
+        sizes = np.bincount(held[:, 0], minlength=k)
+        assert sizes.max() - sizes.min() <= 1
+        optimum = exact_top1_cost(_costs(x, centroids))
+        assert eps >= 1e-2 * assigner.scale * (1 - 1e-9)  # an intermediate step is coarser than the final one
+        assert optimum * (1 - 1e-5) - 1e-4 <= costs.sum() <= optimum + (n + k - 1) * eps + 1e-4
+        centroids = update_centroids(x, held, k)
 
 
 def test_kmeans_exact_balance_and_determinism():
