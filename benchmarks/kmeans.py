@@ -12,16 +12,23 @@ Compared, from the same initial centroids and with the same number of iterations
 * ours, top-1 and top-2.
 
 Prints one line per method, then one JSON line of figures: time ratios, size spread (max/min
-cluster size), MSE relative to plain k-means. Usage: ``python benchmarks/kmeans.py [--rows 200000]``.
+cluster size), MSE relative to plain k-means, where our time goes (distances vs auction, bids per
+slot), and the load average: on a machine shared with other processes FAISS's OpenMP threads lose
+far more than our mostly single-threaded auction (measured here: plain FAISS 1 s idle, 4–19 s at a
+load average of 5–7), so the time ratios of a loaded run flatter us; ``--threads 1`` runs FAISS and
+our compiled loops on one thread each, which contention distorts much less.
+Usage: ``python benchmarks/kmeans.py [--rows 200000] [--threads 1]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import faiss
+import numba
 import numpy as np
 from faiss.contrib.clustering import balanced_assignment_with_penalties
 
@@ -75,12 +82,17 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--kmc-rows", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="threads for FAISS and numba (0: all cores)")
     args = parser.parse_args()
+    if args.threads:
+        faiss.omp_set_num_threads(args.threads)
+        numba.set_num_threads(args.threads)
     x = skewed_mixture(args.rows, args.dims, args.k, args.seed)
     rng = np.random.default_rng(args.seed + 1)
     init = x[np.sort(rng.choice(len(x), args.k, replace=False))].copy()
     _, compile_seconds = timed(lambda: balanced_kmeans(x[:500], 4, top_k=2, niter=1))  # numba JIT (cached on disk)
     figures: dict[str, object] = {"rows": args.rows, "dims": args.dims, "k": args.k, "iterations": args.iterations}
+    figures |= {"threads": args.threads or os.cpu_count(), "load_average_start": round(os.getloadavg()[0], 2)}
     figures["jit_warmup_seconds"] = round(compile_seconds, 3)
 
     (c_plain, a_plain), t_plain = timed(lambda: plain_faiss(x, init, args.iterations))
@@ -114,6 +126,9 @@ def main() -> None:
         "mse_ratio_ours_vs_faiss": round(mse_ours / mse_plain, 4),
         "mse_ratio_penalties_vs_faiss": round(mse_pen / mse_plain, 4),
         "penalties_seconds": round(t_pen, 3),
+        "ours_distance_seconds": round(stats["distance_seconds"], 3),
+        "ours_auction_seconds": round(stats["auction_seconds"], 3),
+        "ours_bids_per_slot": round(stats["bids_per_slot_per_phase"] * stats["phases"], 2),
     }
 
     try:
@@ -148,7 +163,9 @@ def main() -> None:
             "faiss_on_kmc_rows_seconds": round(t_plain_sub, 3),
             "speedup_vs_kmc": round(t_kmc / t_ours_sub, 1),
             "mse_ratio_ours_vs_kmc": round(mse_ours_sub / mse_kmc, 5),
+            "kmc_iterations": int(getattr(kmc, "n_iter_", -1)),
         }
+    figures["load_average_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(figures))
 
 
