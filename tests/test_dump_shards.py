@@ -30,7 +30,7 @@ from storage.rundir import RunDir
 from storage.shards import SHARDS_DIR, shard_states
 from storage.states import LAYER_ARRAYS, SHARED_ARRAYS, StatesReader
 from tests.conftest import tiny_run_config
-from tests.test_object_storage import _free_port
+from tests.prefect_server import free_port
 
 # 2 sequences of 32 tokens per batch: 63 batches, so a worker can be killed mid-way
 SUBPROCESS_DUMP = {"batch_tokens": 64, "chunk_rows": 256, "max_tokens": 4000}
@@ -403,7 +403,7 @@ def s3_env():
     the environment that points worker processes at it."""
     server_mod = pytest.importorskip("moto.server", reason="install the dev extras: pip install -e '.[dev]'")
     s3fs = pytest.importorskip("s3fs")
-    port = _free_port()
+    port = free_port()
     server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = {
