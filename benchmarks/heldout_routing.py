@@ -8,7 +8,7 @@ calibrated); ``lpr`` (distilled, when the run has a distill stage). Measured on 
 (never dumped, clustered, distilled or calibrated on): cross-entropy, per-layer slot load (Gini,
 min/max) and soft load (routing-weight mass).
 Ends with one JSON line.
-Usage: ``python benchmarks/heldout_routing.py RUN_DIR [--sequences 96]``.
+Usage: ``python benchmarks/heldout_routing.py RUN_DIR [--sequences N]`` (default: validate.sequences, 1024: every held-out sequence of the demo).
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from storage.rundir import RunDir
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
-    parser.add_argument("--sequences", type=int, default=96)
+    parser.add_argument("--sequences", type=int, default=None)
     args = parser.parse_args()
     run = RunDir(args.run_dir)
     cfg = build_config(parse_yaml(run.read_config() or "", origin="config.yaml"))
     model, tokenizer = load_model(cfg.model, resolve_model_path(cfg))
-    ids = heldout_sequences(cfg, tokenizer, args.sequences)
+    ids = heldout_sequences(cfg, tokenizer, args.sequences or cfg.validate.sequences)
     switcher = VariantSwitcher(model)
     names = ["original", "original+bias", "lpr-init"] + (["lpr"] if run.is_complete("distill") else [])
     results = {}
