@@ -8,7 +8,8 @@ calibrated); ``lpr`` (distilled, when the run has a distill stage). Measured on 
 (never dumped, clustered, distilled or calibrated on): cross-entropy, per-layer slot load (Gini,
 min/max) and soft load (routing-weight mass).
 Ends with one JSON line.
-Usage: ``python benchmarks/heldout_routing.py RUN_DIR [--sequences N]`` (default: validate.sequences, 1024: every held-out sequence of the demo).
+Usage: ``python benchmarks/heldout_routing.py RUN_DIR [--sequences N]`` (default: ``validate.sequences``,
+1024: every held-out sequence of the demo).
 """
 
 from __future__ import annotations

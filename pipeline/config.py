@@ -112,7 +112,7 @@ class ValidateConfig(_Section):
     """The validate stage: every routing variant in the same model, on held-out documents → ``report/``."""
 
     variants: list[str] = ["original", "original+bias", "lpr-init", "lpr"]  # names in pipeline/variants.py
-    sequences: int = Field(1024, ge=1)  # held-out sequences (corpus.seq_len tokens each) for loss and load; the demo has 467
+    sequences: int = Field(1024, ge=1)  # held-out sequences of corpus.seq_len tokens for loss and load (demo: 467)
     batch_size: int = Field(16, ge=1)  # sequences per forward pass (also the batch that overflow is counted on)
     capacity_factors: list[float] = [1.0, 1.25]  # expert capacity as a multiple of the mean load (overflow)
     devices: list[int] = [2, 4, 8]  # expert-parallel device counts (balancedness)
