@@ -81,9 +81,34 @@ def calibrate_bias(router: LatentPrototypeRouter, z: torch.Tensor) -> dict[str, 
     _, prices, _ = auction(-scores, kp=k, prices=np.zeros(scores.shape[1]), eps_schedule=schedule)
     with torch.no_grad():
         router.bias.copy_(torch.from_numpy(-(prices - prices.mean())).float())
-        _, indices = router.route(router.latent_scores(z))
-    slots = np.bincount(indices.numpy().reshape(-1), minlength=scores.shape[1])
+        slots = refine_bias(router, router.latent_scores(z), step=scale * 0.1)
     return {"calibration_rows": int(z.shape[0]), "slots_min": int(slots.min()), "slots_max": int(slots.max())}
+
+
+def refine_bias(router: LatentPrototypeRouter, logits: torch.Tensor, *, step: float, rounds: int = 60) -> np.ndarray:
+    """Correct the bias where the family's choice is not a plain top-k of score + bias, so the auction's
+    prices do not balance it exactly (DeepSeek's group-limited top-k, PhiMoE's sparsemixer): rounds of
+    bias −= step · (slots / mean − 1) with a shrinking step, keeping the most even bias seen. A no-op when
+    the auction's bias is balanced already (up to near-ties). logits (T, E) → slots per expert (E,)."""
+    experts = logits.shape[1]
+
+    def slots_now() -> np.ndarray:
+        return np.bincount(router.route(logits)[1].numpy().reshape(-1), minlength=experts)
+
+    slots = slots_now()
+    best = (int(slots.max() - slots.min()), router.bias.clone(), slots)
+    tolerance = max(2, int(0.002 * slots.mean()))
+    for _ in range(rounds):
+        if best[0] <= tolerance:
+            break
+        router.bias.sub_(step * torch.from_numpy(slots / slots.mean() - 1.0).float())
+        router.bias.sub_(router.bias.mean())
+        step *= 0.93
+        slots = slots_now()
+        if slots.max() - slots.min() < best[0]:
+            best = (int(slots.max() - slots.min()), router.bias.clone(), slots)
+    router.bias.copy_(best[1])
+    return best[2]
 
 
 @dataclass
