@@ -26,7 +26,8 @@ def _states_summary(run: RunDir, path: str) -> dict[str, Any]:
     }
 
 
-def _cluster_details(layers: dict[str, Any]) -> str:
+def _cluster_details(stats: dict[str, Any]) -> str:
+    layers = stats.get("layers", {})
     if not layers:
         return ""
     spread = max(row["size_max"] - row["size_min"] for row in layers.values())
@@ -34,14 +35,30 @@ def _cluster_details(layers: dict[str, Any]) -> str:
     return f"{len(layers)} layers, slot counts differ by ≤ {spread}, matched share {min(shares):.0%}–{max(shares):.0%}"
 
 
-def _distill_details(layers: dict[str, Any]) -> str:
+def _distill_details(stats: dict[str, Any]) -> str:
+    layers = stats.get("layers", {})
     if not layers:
         return ""
     ginis = [row["val_gini"] for row in layers.values()]
-    return f"{len(layers)} layers, Gini on held-out chunks {min(ginis):.3f}–{max(ginis):.3f}"
+    text = f"{len(layers)} layers; gate level: Gini on held-out chunks {min(ginis):.3f}–{max(ginis):.3f}"
+    best = stats.get("model_level", {}).get("best")
+    if best:
+        text += f"; in the model: best step {best['step']}, val KL {best['kl']:.4f}, Gini {best['gini']:.3f}"
+    return text
 
 
-_DETAILS = {"cluster": _cluster_details, "distill": _distill_details}
+def _validate_details(stats: dict[str, Any]) -> str:
+    winner, rows = stats.get("winner"), {row["variant"]: row for row in stats.get("summary", [])}
+    if not winner or winner.get("name") not in rows:
+        return ""
+    row = rows[winner["name"]]
+    text = f"winner {winner['name']}: Gini {row['gini']:.3f}, Δ CE {row['delta_ce_pct']:+.2f} %"
+    if winner["name"] != "lpr" and "lpr" in rows:
+        text += f" (lpr: Gini {rows['lpr']['gini']:.3f}, Δ CE {rows['lpr']['delta_ce_pct']:+.2f} %)"
+    return text
+
+
+_DETAILS = {"cluster": _cluster_details, "distill": _distill_details, "validate": _validate_details}
 
 
 def run_status(run: RunDir) -> dict[str, Any]:
@@ -69,6 +86,6 @@ def run_status(run: RunDir) -> dict[str, Any]:
                 layers = len(entry["states"].get("layers", {}))
                 entry["details"] = f"{rows:,} rows × {layers} layers" + ("" if complete else " committed so far")
         if complete and manifest is not None and stage in _DETAILS:
-            entry["details"] = _DETAILS[stage](manifest.stats.get("layers", {}))
+            entry["details"] = _DETAILS[stage](manifest.stats)
         stages[stage] = entry
     return {"run_dir": run.url, "stages": stages}

@@ -66,7 +66,8 @@ def test_distill_improves_on_the_init_and_balances_calibration(distilled):
     assert again.skipped
     stages = run_status(run)["stages"]
     assert stages["cluster"]["details"].startswith("2 layers, slot counts differ by ≤ ")
-    assert stages["distill"]["details"].startswith("2 layers, Gini on held-out chunks ")
+    assert stages["distill"]["details"].startswith("2 layers; gate level: Gini on held-out chunks ")
+    assert "; in the model: best step " in stages["distill"]["details"]
 
 
 def test_distilled_routers_export_and_load(distilled, tmp_path, tiny_model):

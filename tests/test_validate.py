@@ -59,6 +59,11 @@ def test_report_holds_every_variant_and_metric(validated):
     assert run.is_complete("validate")
     report = read_report(run)
     assert list(report["variants"]) == ["original", "original+bias", "lpr-init", "lpr"]
+    from pipeline.status import run_status
+
+    details = run_status(run)["stages"]["validate"]["details"]
+    winner = report["winner"]["name"]
+    assert details.startswith(f"winner {winner}: Gini "), details
     for result in report["variants"].values():
         assert result["cross_entropy"] > 0 and result["perplexity"] == pytest.approx(
             2.718281828 ** result["cross_entropy"]
