@@ -126,6 +126,18 @@ def test_intermediate_steps_meet_their_stated_tolerance(seed):
         centroids = update_centroids(x, held, k)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_final_step_is_optimal_after_warm_started_steps(seed):
+    """The last assignment of balanced_kmeans starts from the previous step's prices and assignment
+    (points still ε-happy stay); it must still be optimal to within ``tol`` for the final centroids."""
+    x = _points(97, 3, seed)
+    result, stats = balanced_kmeans(x, 6, niter=5, seed=seed, tol=1e-6)
+    optimum = exact_top1_cost(_costs(x, result.centroids))
+    total = stats["inertia"][-1] * 97
+    assert optimum * (1 - 1e-5) - 1e-4 <= total <= optimum * (1 + 1e-5) + 1e-4
+    assert result.sizes.max() - result.sizes.min() <= 1
+
+
 def test_kmeans_exact_balance_and_determinism():
     x = _points(3000, 8, 3)
     a, stats = balanced_kmeans(x, 12, top_k=2, niter=6, seed=5)
