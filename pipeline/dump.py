@@ -302,28 +302,50 @@ def run_dump(*, cfg: RunConfig, run: RunDir, force: bool = False) -> Manifest:
     return manifest
 
 
-def _dump_here(*, cfg: RunConfig, run: RunDir, plan: DumpPlan, store_url: str) -> dict[str, Any]:
-    """The whole stream by this process into the partial store (resumed where a killed run stopped)."""
+@dataclass
+class Streamed:
+    """What one process's pass over its part of the train stream left: the writer (None when the
+    stream was empty), rows written by this run, rows already there when it started, seconds."""
+
+    writer: StatesWriter | None
+    new_rows: int
+    resumed_rows: int
+    seconds: float
+
+
+def dump_stream(
+    *,
+    cfg: RunConfig,
+    run: RunDir,
+    plan: DumpPlan,
+    url: str,
+    label: str,
+    budget: int | None,
+    extra_attrs: dict[str, Any] | None = None,
+    select: Callable[[Iterator[PackedSequence]], Iterator[PackedSequence]] = lambda sequences: sequences,
+) -> Streamed:
+    """Load the model and append the states of ``select(train sequences)`` into the store at ``url``,
+    resumed after its committed sequences (the single-process dump and each shard worker)."""
     model, tokenizer = load_model(cfg.model, plan.model_path)
     sites = find_routers(model)
-    writer = StatesWriter.resume(store_url, fingerprint=plan.fingerprint, storage_options=run.storage_options)
+    writer = StatesWriter.resume(url, fingerprint=plan.fingerprint, storage_options=run.storage_options)
     resumed_rows = writer.committed_rows if writer else 0
     if resumed_rows:
-        info(f"[bold]dump[/]: resuming at row {resumed_rows:,} (sequence {writer.committed_seqs:,})")
-    attrs = store_attrs(cfg, model, plan.model_path)
+        info(f"[bold]{label}[/]: resuming at row {resumed_rows:,} (sequence {writer.committed_seqs:,})")
+    attrs = store_attrs(cfg, model, plan.model_path) | (extra_attrs or {})
 
     def create_store(records: list[dict[str, torch.Tensor]]) -> StatesWriter:
         return StatesWriter.create(
-            store_url,
+            url,
             layout=layout_for(sites, records, cfg),
             attrs=attrs,
             fingerprint=plan.fingerprint,
             storage_options=run.storage_options,
         )
 
-    sequences = itertools.islice(train_sequences(cfg, tokenizer), writer.committed_seqs if writer else 0, None)
-    loop_started = time.time()
-    with progress_bar("dump", cfg.dump.max_tokens) as bar:
+    sequences = itertools.islice(select(train_sequences(cfg, tokenizer)), writer.committed_seqs if writer else 0, None)
+    started = time.time()
+    with progress_bar(label, budget) as bar:
         bar.advance(resumed_rows)
         writer, new_rows = write_states(
             model=model,
@@ -335,13 +357,18 @@ def _dump_here(*, cfg: RunConfig, run: RunDir, plan: DumpPlan, store_url: str) -
             bar=bar,
             x_dtype=getattr(torch, cfg.dump.dtype),
         )
-    loop_seconds = time.time() - loop_started
-    if writer is None:
+    return Streamed(writer, new_rows, resumed_rows, time.time() - started)
+
+
+def _dump_here(*, cfg: RunConfig, run: RunDir, plan: DumpPlan, store_url: str) -> dict[str, Any]:
+    """The whole stream by this process into the partial store (resumed where a killed run stopped)."""
+    streamed = dump_stream(cfg=cfg, run=run, plan=plan, url=store_url, label="dump", budget=cfg.dump.max_tokens)
+    if streamed.writer is None:
         raise LprError("the corpus produced no tokens to dump", "check --corpus and dump.max_tokens")
-    writer.finish({"corpus_documents": plan.corpus.documents, "train_documents": plan.corpus.train_documents})
+    streamed.writer.finish({"corpus_documents": plan.corpus.documents, "train_documents": plan.corpus.train_documents})
     return {
-        "rows_this_run": new_rows,
-        "resumed_from_row": resumed_rows,
-        "loop_seconds": round(loop_seconds, 3),
-        "tokens_per_second": round(new_rows / max(loop_seconds, 1e-9), 1),  # forward + capture + writes
+        "rows_this_run": streamed.new_rows,
+        "resumed_from_row": streamed.resumed_rows,
+        "loop_seconds": round(streamed.seconds, 3),
+        "tokens_per_second": round(streamed.new_rows / max(streamed.seconds, 1e-9), 1),  # forward + capture + writes
     }

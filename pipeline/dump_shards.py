@@ -13,33 +13,18 @@ only then commits the stage's manifest.
 
 from __future__ import annotations
 
-import itertools
 import re
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from pipeline.config import RunConfig
 from pipeline.corpus import PackedSequence
-from pipeline.dump import (
-    STAGE,
-    batch_seqs,
-    batched,
-    layout_for,
-    plan_dump,
-    store_attrs,
-    train_sequences,
-    write_states,
-)
+from pipeline.dump import STAGE, batch_seqs, batched, dump_stream, plan_dump
 from pipeline.errors import LprError
-from pipeline.models import find_routers, load_model
-from pipeline.progress import info, progress_bar
+from pipeline.progress import info
 from storage.rundir import RunDir
 from storage.shards import remove_shard, remove_tree, shard_states, shard_url
-from storage.states import StatesWriter
 
 _SPEC = re.compile(r"^\s*(-?\d+)\s*/\s*(-?\d+)\s*$")
 
@@ -111,43 +96,19 @@ def run_dump_shard(*, cfg: RunConfig, run: RunDir, shard: ShardSpec, force: bool
         info(f"[bold]dump[/]: shard {shard} is already complete ({state.rows:,} rows)")
         return {"shard": str(shard), "skipped": False, "already_complete": True, "rows": state.rows}
 
-    model, tokenizer = load_model(cfg.model, plan.model_path)
-    sites = find_routers(model)
-    writer = StatesWriter.resume(url, fingerprint=plan.fingerprint, storage_options=run.storage_options)
-    resumed_rows = writer.committed_rows if writer else 0
-    if resumed_rows:
-        info(f"[bold]dump[/]: shard {shard} resuming at row {resumed_rows:,}")
     per_batch = batch_seqs(cfg)
-    attrs = store_attrs(cfg, model, plan.model_path) | {
-        "shard_index": shard.index,
-        "shard_count": shard.count,
-        "batch_seqs": per_batch,
-    }
-
-    def create_store(records: list[dict[str, torch.Tensor]]) -> StatesWriter:
-        layout = layout_for(sites, records, cfg)
-        return StatesWriter.create(
-            url, layout=layout, attrs=attrs, fingerprint=plan.fingerprint, storage_options=run.storage_options
-        )
-
     seen = [0]
-    own = shard_slice(train_sequences(cfg, tokenizer), per_batch=per_batch, shard=shard, seen=seen)
-    own = itertools.islice(own, writer.committed_seqs if writer else 0, None)
-    started = time.time()
-    budget = None if cfg.dump.max_tokens is None else -(-cfg.dump.max_tokens // shard.count)
-    with progress_bar(f"dump {shard}", budget) as bar:
-        bar.advance(resumed_rows)
-        writer, new_rows = write_states(
-            model=model,
-            sites=sites,
-            batches=batched(own, per_batch),
-            pad_id=tokenizer.pad_token_id,
-            writer=writer,
-            create_store=create_store,
-            bar=bar,
-            x_dtype=getattr(torch, cfg.dump.dtype),
-        )
-    seconds = time.time() - started
+    streamed = dump_stream(
+        cfg=cfg,
+        run=run,
+        plan=plan,
+        url=url,
+        label=f"dump {shard}",
+        budget=None if cfg.dump.max_tokens is None else -(-cfg.dump.max_tokens // shard.count),
+        extra_attrs={"shard_index": shard.index, "shard_count": shard.count, "batch_seqs": per_batch},
+        select=lambda sequences: shard_slice(sequences, per_batch=per_batch, shard=shard, seen=seen),
+    )
+    writer, new_rows, seconds = streamed.writer, streamed.new_rows, streamed.seconds
     if writer is None:
         raise LprError(
             f"shard {shard} has no rows: the train split makes only {seen[0]} batch(es) of {per_batch} sequences",
@@ -166,7 +127,7 @@ def run_dump_shard(*, cfg: RunConfig, run: RunDir, shard: ShardSpec, force: bool
         "skipped": False,
         "rows": writer.committed_rows,
         "rows_this_run": new_rows,
-        "resumed_from_row": resumed_rows,
+        "resumed_from_row": streamed.resumed_rows,
         "seconds": round(seconds, 3),
         "tokens_per_second": round(new_rows / max(seconds, 1e-9), 1),
     }
