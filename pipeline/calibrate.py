@@ -86,8 +86,7 @@ def calibrate_in_model(
     sites = [site for site in find_routers(model) if isinstance(site.module, LatentPrototypeRouter)]
     results = {}
     with contextlib.nullcontext(None) if quiet else progress_bar("calibrate bias in the model", len(sites)) as bar:
-        for site in sites:
-            site.module.bias.zero_()
+        for site in sites:  # calibrate_bias zeroes the bias first; a router's own bias never changes its input
             results[site.name] = calibrate_bias(site.module, router_latents(model, site.module, ids, batch))
             if bar is not None:
                 bar.advance(1, note=site.name)

@@ -96,19 +96,19 @@ def refine_bias(router: LatentPrototypeRouter, logits: torch.Tensor, *, step: fl
         return np.bincount(router.route(logits)[1].numpy().reshape(-1), minlength=experts)
 
     slots = slots_now()
-    best = (int(slots.max() - slots.min()), router.bias.clone(), slots)
+    best_spread, best_bias, best_slots = int(slots.max() - slots.min()), router.bias.clone(), slots
     tolerance = max(2, int(0.002 * slots.mean()))
     for _ in range(rounds):
-        if best[0] <= tolerance:
+        if best_spread <= tolerance:
             break
         router.bias.sub_(step * torch.from_numpy(slots / slots.mean() - 1.0).float())
         router.bias.sub_(router.bias.mean())
         step *= 0.93
         slots = slots_now()
-        if slots.max() - slots.min() < best[0]:
-            best = (int(slots.max() - slots.min()), router.bias.clone(), slots)
-    router.bias.copy_(best[1])
-    return best[2]
+        if slots.max() - slots.min() < best_spread:
+            best_spread, best_bias, best_slots = int(slots.max() - slots.min()), router.bias.clone(), slots
+    router.bias.copy_(best_bias)
+    return best_slots
 
 
 @dataclass

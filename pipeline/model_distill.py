@@ -145,7 +145,6 @@ def distill_in_model(
     ``calibration`` sequences (c, S) and ``model_calibrate_every`` > 0, the choice bias is calibrated in the
     model on them before the first step and every that many steps, so the routers learn under the balanced
     routing they will serve with. ``model`` holds its original routers on entry and on return."""
-
     originals = {site.name: site.module for site in find_routers(model)}
     device = next(model.parameters()).device
     frozen = [p for p in model.parameters() if p.requires_grad]
@@ -157,8 +156,9 @@ def distill_in_model(
     every = cfg.model_calibrate_every if calibration is not None else 0
 
     def calibrate() -> None:
-        with torch.no_grad():
-            calibrate_in_model(model, calibration[: cfg.model_calibration_sequences], batch=16, quiet=True)
+        calibrate_in_model(
+            model, calibration[: cfg.model_calibration_sequences], batch=cfg.model_batch_sequences, quiet=True
+        )
 
     params = [p for router in routers.values() for p in router.parameters()]
     for parameter in params:
