@@ -70,9 +70,7 @@ def _layer_stage(
     started = time.time()
     plan = tasks.plan_task.with_options(**retry)(stage=stage, force=force, **common)
     if plan["skip"]:
-        return {"stage": stage, "skipped": True, "finished_at": "", "seconds": 0.0, "stats": {}} | _manifest_outcome(
-            stage, common
-        )
+        return _skipped(stage, common)
     per_layer = {"layer": plan["layers"]} | {
         key: unmapped(value) for key, value in (common | {"fingerprint": plan["fingerprint"], "force": force}).items()
     }
@@ -88,9 +86,7 @@ def _sharded_dump(
 ) -> dict[str, Any]:
     """``dump.shards`` shard tasks on the runner, then the merge (the dump's own ``run_dump``)."""
     if not force and tasks.dump_current_task.with_options(**retry)(**common):
-        return {"stage": "dump", "skipped": True, "finished_at": "", "seconds": 0.0, "stats": {}} | _manifest_outcome(
-            "dump", common
-        )
+        return _skipped("dump", common)
     shards = list(range(common["cfg"].dump.shards))
     parameters = {"index": shards} | {key: unmapped(value) for key, value in (common | {"force": force}).items()}
     futures = runner().map(tasks.dump_shard_task.with_options(**retry), parameters)
@@ -98,6 +94,13 @@ def _sharded_dump(
     shard_results = [future.result() for future in futures]
     result = tasks.stage_task.with_options(**retry)(stage="dump", force=False, **common)  # the shards were forced
     return result | {"shard_results": shard_results}
+
+
+def _skipped(stage: str, common: dict[str, Any]) -> dict[str, Any]:
+    """A stage whose manifest matches, reported with that manifest's figures."""
+    return {"stage": stage, "skipped": True, "finished_at": "", "seconds": 0.0, "stats": {}} | _manifest_outcome(
+        stage, common
+    )
 
 
 def _manifest_outcome(stage: str, common: dict[str, Any]) -> dict[str, Any]:
