@@ -32,13 +32,13 @@ def main() -> None:
     run = RunDir(args.run_dir)
     cfg = build_config(parse_yaml(run.read_config() or "", origin="config.yaml"))
     model, tokenizer = load_model(cfg.model, resolve_model_path(cfg))
-    ids = heldout_sequences(cfg, tokenizer, args.sequences or cfg.validate.sequences)
+    held = heldout_sequences(cfg, tokenizer, args.sequences or cfg.validate.sequences)
     switcher = VariantSwitcher(model)
     names = ["original", "original+bias", "lpr-init"] + (["lpr"] if run.is_complete("distill") else [])
     results = {}
     for name in names:
         switcher.apply(name, cfg, run)
-        results[name] = measure(model, ids, cfg=cfg, teachers=switcher.originals)
+        results[name] = measure(model, held, cfg=cfg, teachers=switcher.originals)
     base = results["original"]["cross_entropy"]
     print(f"{'variant':<15} {'CE':>7} {'ΔCE':>8} {'slot Gini':>10} {'min/max':>8} {'soft Gini':>10} {'agree':>6}")
     summary = {}
@@ -54,7 +54,7 @@ def main() -> None:
         delta = (r["cross_entropy"] / base - 1) * 100
         figures = f"{mean['slot']['gini']:10.4f} {mean['slot']['min_max']:8.3f} {mean['soft']['gini']:10.4f}"
         print(f"{name:<15} {r['cross_entropy']:7.4f} {delta:+7.2f}% {figures} {mean['topk_agreement']:6.3f}")
-    print(json.dumps({"tokens": int(ids.numel()), **summary}))
+    print(json.dumps({"tokens": int(held.ids.numel()), **summary}))
 
 
 if __name__ == "__main__":

@@ -146,3 +146,30 @@ def average_layers(layers: list[dict]) -> dict:
         return float(np.mean(values))
 
     return mean(layers)
+
+
+def document_interval(
+    doc_slots: list[np.ndarray], *, draws: int = 1000, coverage: float = 0.9, seed: int = 0
+) -> dict[str, list[float]]:
+    """How much the layer-mean slot Gini and min/max owe to *which* documents were held out.
+
+    doc_slots: per layer, (D, E) top-k slots per expert from each of D documents. Resamples the
+    documents with replacement ``draws`` times (seeded) and returns the central ``coverage``
+    interval [low, high] of the layer-mean Gini and min/max over the draws: routing follows the
+    document, so one unusual document can move the figures more than any router change does.
+    """
+    documents = doc_slots[0].shape[0]
+    weights = np.random.default_rng(seed).multinomial(documents, np.full(documents, 1 / documents), size=draws)
+    ginis, ratios = np.zeros(draws), np.zeros(draws)
+    for slots in doc_slots:
+        loads = np.sort(weights @ np.asarray(slots, np.float64), axis=1)  # (draws, E)
+        experts = loads.shape[1]
+        ranks = np.arange(1, experts + 1)
+        totals = np.maximum(loads.sum(1), 1e-300)
+        ginis += (loads * (2 * ranks - experts - 1)).sum(1) / (experts * totals)
+        ratios += loads[:, 0] / np.maximum(loads[:, -1], 1e-300)
+    tail = 100 * (1 - coverage) / 2
+    return {
+        name: [float(v) for v in np.percentile(values / len(doc_slots), [tail, 100 - tail])]
+        for name, values in (("gini", ginis), ("min_max", ratios))
+    }

@@ -74,7 +74,7 @@ def run_sweep(*, cfg: RunConfig, run: RunDir, balances: list[float], force: bool
     started = time.time()
     runs = distill_settings(cfg, run, balances, force=force)
     model, tokenizer = load_model(cfg.model, resolve_model_path(cfg))
-    ids = heldout_sequences(cfg, tokenizer, cfg.validate.sequences)
+    held = heldout_sequences(cfg, tokenizer, cfg.validate.sequences)
     switcher = VariantSwitcher(model)
     lpr_curve = []
     for balance, sub in runs.items():
@@ -82,7 +82,7 @@ def run_sweep(*, cfg: RunConfig, run: RunDir, balances: list[float], force: bool
         routers, _ = distilled_routers(sub)
         check_fit("lpr", model, routers)
         install_routers(model, routers)
-        result = measure(model, ids, cfg=cfg, teachers=switcher.originals)
+        result = measure(model, held, cfg=cfg, teachers=switcher.originals)
         lpr_curve.append(curve_point(f"{balance:g}", result) | {"balance": balance, "run": sub.url})
         info(f"[bold]sweep[/] balance {balance:g}: CE {result['cross_entropy']:.4f}, Gini {lpr_curve[-1]['gini']:.3f}")
     points = {}
@@ -90,16 +90,16 @@ def run_sweep(*, cfg: RunConfig, run: RunDir, balances: list[float], force: bool
         if name == "lpr" and not run.is_complete("distill"):
             continue
         switcher.apply(name, cfg, run)
-        points[name] = curve_point(name, measure(model, ids, cfg=cfg, teachers=switcher.originals))
+        points[name] = curve_point(name, measure(model, held, cfg=cfg, teachers=switcher.originals))
     built = switcher.apply("original+bias", cfg, run)
-    bias_curve = bias_strength_curve(cfg, model, ids, built.routers, switcher.originals)
+    bias_curve = bias_strength_curve(cfg, model, held, built.routers, switcher.originals)
     switcher.restore()
     results = {
         "balances": balances,
         "lpr": lpr_curve,
         "bias": bias_curve,
         "points": points,
-        "heldout_tokens": int(ids.numel()),
+        "heldout_tokens": int(held.ids.numel()),
         "seconds": round(time.time() - started, 1),
     }
     curves = {"lpr (distill.balance)": lpr_curve, "original+bias (strength ×)": bias_curve}

@@ -13,12 +13,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
-
 from pipeline.config import RunConfig
 from pipeline.downstream import evaluate_tasks, require_lm_eval
 from pipeline.errors import LprError
-from pipeline.heldout import heldout_sequences, measure
+from pipeline.heldout import HeldOut, heldout_sequences, measure
 from pipeline.models import load_config, load_model, model_identity, resolve_model_path
 from pipeline.plots import frontier, gini_per_layer, load_heatmaps, require_matplotlib
 from pipeline.progress import info
@@ -64,7 +62,7 @@ def measure_variants(cfg: RunConfig, run: RunDir) -> tuple[dict[str, dict], list
     """
     v = cfg.validate
     model, tokenizer = load_model(cfg.model, resolve_model_path(cfg))
-    ids = heldout_sequences(cfg, tokenizer, v.sequences)
+    held = heldout_sequences(cfg, tokenizer, v.sequences)
     switcher = VariantSwitcher(model)
     results: dict[str, dict] = {}
     bias_curve: list[dict] = []
@@ -72,7 +70,7 @@ def measure_variants(cfg: RunConfig, run: RunDir) -> tuple[dict[str, dict], list
         started = time.time()
         info(f"[bold]validate[/] {name} ({position}/{len(v.variants)}): building routers")
         built = switcher.apply(name, cfg, run)
-        result = measure(model, ids, cfg=cfg, teachers=switcher.originals)
+        result = measure(model, held, cfg=cfg, teachers=switcher.originals)
         result["description"] = VARIANTS[name].description
         result["build"] = built.info
         if v.tasks:
@@ -86,7 +84,7 @@ def measure_variants(cfg: RunConfig, run: RunDir) -> tuple[dict[str, dict], list
                 max_length=min(getattr(model.config, "max_position_embeddings", 2048), 2048),
             )
         if name == "original+bias" and v.bias_strengths:
-            bias_curve = bias_strength_curve(cfg, model, ids, built.routers, switcher.originals)
+            bias_curve = bias_strength_curve(cfg, model, held, built.routers, switcher.originals)
         result["seconds"] = round(time.time() - started, 2)
         results[name] = result
         tasks = "".join(f"; {t} acc {r.get('acc', float('nan')):.3f}" for t, r in result.get("tasks", {}).items())
@@ -97,21 +95,21 @@ def measure_variants(cfg: RunConfig, run: RunDir) -> tuple[dict[str, dict], list
         )
     switcher.restore()
     heldout = {
-        "sequences": len(ids),
-        "tokens": int(ids.numel()),
+        "sequences": len(held.ids),
+        "tokens": int(held.ids.numel()),
         "seq_len": cfg.corpus.seq_len,
         "heldout_fraction": cfg.corpus.heldout_fraction,
     }
     return results, bias_curve, heldout
 
 
-def bias_strength_curve(cfg: RunConfig, model: Any, ids: torch.Tensor, routers: dict, teachers: dict) -> list[dict]:
+def bias_strength_curve(cfg: RunConfig, model: Any, held: HeldOut, routers: dict, teachers: dict) -> list[dict]:
     """The bias baseline at ``validate.bias_strengths`` × its calibrated bias (the model holds ``routers``)."""
     calibrated = {name: router.bias.detach().clone() for name, router in routers.items()}
     curve = []
     for strength in cfg.validate.bias_strengths:
         scale_bias(routers, calibrated, strength)
-        point = curve_point(f"{strength:g}", measure(model, ids, cfg=cfg, teachers=teachers))
+        point = curve_point(f"{strength:g}", measure(model, held, cfg=cfg, teachers=teachers))
         curve.append(point | {"strength": strength})
     scale_bias(routers, calibrated, 1.0)
     info(f"[bold]validate[/] original+bias over strengths {cfg.validate.bias_strengths}: done")

@@ -10,6 +10,7 @@ from pipeline.metrics import (
     balance_figures,
     busiest_share,
     coefficient_of_variation,
+    document_interval,
     ep_balancedness,
     expert_load,
     gini,
@@ -118,3 +119,25 @@ def test_layer_metrics_and_average():
     assert mean["overflow"]["1x"] == pytest.approx(0.25)
     assert mean["ep_balancedness"] == {"2": pytest.approx(0.75)}  # None (3 devices) is left out
     assert "slot_load" not in mean
+
+
+def test_document_interval_collapses_when_every_document_routes_alike():
+    """Documents with the same expert mix: every resampling gives the same load shape, so the interval
+    is the single figure of that shape."""
+    shape = np.array([4, 2, 1, 1])
+    doc_slots = [np.outer(np.arange(1, 9), shape), np.outer(np.arange(1, 9), shape[::-1])]  # 2 layers, 8 docs
+    interval = document_interval(doc_slots, draws=200)
+    assert interval["gini"] == pytest.approx([gini(shape)] * 2)
+    assert interval["min_max"] == pytest.approx([0.25, 0.25])
+
+
+def test_document_interval_is_wide_when_each_document_takes_one_expert():
+    """Document e sends every slot to expert e: all six together are perfectly even, but a resampling
+    keeps all six with probability 6!/6⁶ ≈ 1.5 %, so nearly every draw leaves an expert idle."""
+    experts = 6
+    doc_slots = [np.eye(experts, dtype=np.int64) * 100]
+    interval = document_interval(doc_slots, draws=1000, seed=3)
+    assert gini(doc_slots[0].sum(0)) == 0.0 and min_max_ratio(doc_slots[0].sum(0)) == 1.0
+    assert 0 < interval["gini"][0] < interval["gini"][1]
+    assert interval["min_max"] == [0.0, 0.0]
+    assert document_interval(doc_slots, draws=1000, seed=3) == interval  # seeded

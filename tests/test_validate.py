@@ -123,13 +123,13 @@ def test_rerun_is_skipped(validated):
 def test_variant_switcher_restores_the_original_gates(distilled):
     cfg, run = distilled
     model, tokenizer = load_model(cfg.model, cfg.model.path)
-    ids = heldout_sequences(cfg, tokenizer, 4)
+    held = heldout_sequences(cfg, tokenizer, 4)
     switcher = VariantSwitcher(model)
-    before = measure(model, ids, cfg=cfg)
+    before = measure(model, held, cfg=cfg)
     switcher.apply("lpr", cfg, run)
     assert all(type(site.module).__name__.startswith("Lpr") for site in find_routers(model))
     switcher.restore()
-    after = measure(model, ids, cfg=cfg)
+    after = measure(model, held, cfg=cfg)
     assert after["cross_entropy"] == before["cross_entropy"]
     assert [site.module for site in find_routers(model)] == list(switcher.originals.values())
 
@@ -139,11 +139,14 @@ def test_heldout_sequences_are_from_heldout_documents(tiny_model, tiny_corpus):
 
     cfg = build_config(tiny_run_config(tiny_model, tiny_corpus))
     _, tokenizer = load_model(cfg.model, cfg.model.path)
-    ids = heldout_sequences(cfg, tokenizer, 3)
-    assert ids.shape == (3, cfg.corpus.seq_len)
-    held = {d.text.split(":")[0] for _, d in iter_documents(cfg.corpus) if is_heldout(d.name, 0.1)}
-    seen = set(re.findall(r"document \d+", "".join(tokenizer.decode(row) for row in ids)))
-    assert seen and seen <= held  # every document the sequences show is a held-out one
+    held = heldout_sequences(cfg, tokenizer, 3)
+    assert held.ids.shape == held.documents.shape == (3, cfg.corpus.seq_len)
+    heldout_docs = {i: d.text.split(":")[0] for i, d in iter_documents(cfg.corpus) if is_heldout(d.name, 0.1)}
+    seen = set(re.findall(r"document \d+", "".join(tokenizer.decode(row) for row in held.ids)))
+    assert seen and seen <= set(heldout_docs.values())  # every document the sequences show is a held-out one
+    assert set(held.documents.ravel().tolist()) <= set(heldout_docs)  # and so are the documents they name
+    named = {heldout_docs[int(i)] for i in held.documents.ravel()}
+    assert seen <= named  # each token's document index names a document the text shows
 
 
 def test_missing_stage_is_a_one_line_error(tmp_path, tiny_model, tiny_corpus):
