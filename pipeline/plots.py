@@ -74,20 +74,37 @@ def gini_per_layer(variants: dict[str, dict]) -> bytes:
 
 def frontier(curves: dict[str, list[dict]], points: dict[str, dict]) -> bytes:
     """Held-out cross-entropy against mean slot Gini: curves (each a list of {gini, cross_entropy,
-    label}) and single points (variants)."""
+    label}) and single points (variants). The y-axis stops at the upper quartile plus the spread below
+    it, so that one far-off setting does not flatten the comparison; what lies above is marked ▲ at
+    the top edge with its value."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2)  # curves and points never share one
+    every = [p["cross_entropy"] for curve in curves.values() for p in curve] + [
+        p["cross_entropy"] for p in points.values()
+    ]
+    low, upper = min(every), float(np.percentile(every, 75))
+    top = upper + max(upper - low, 1e-3)
+
+    def mark(p: dict, label: str, color: str) -> None:
+        y = min(p["cross_entropy"], top)
+        text = label if p["cross_entropy"] <= top else f"{label} ({p['cross_entropy']:.2f}) ▲"
+        if p["cross_entropy"] > top:
+            ax.scatter([p["gini"]], [top], marker="^", color=color, zorder=3, clip_on=False)
+        ax.annotate(text, (p["gini"], y), fontsize=7, xytext=(3, -9 if y == top else 3), textcoords="offset points")
+
     for name, curve in curves.items():
-        ordered = curve  # in the order of the swept setting (a bias pushed past balance turns back)
-        x, y = [p["gini"] for p in ordered], [p["cross_entropy"] for p in ordered]
-        ax.plot(x, y, marker="o", color=next(colors), label=name)
-        for p in ordered:
-            ax.annotate(
-                p["label"], (p["gini"], p["cross_entropy"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
-            )
+        color = next(colors)
+        # in the order of the swept setting (a bias pushed past balance turns back)
+        ax.plot([p["gini"] for p in curve], [p["cross_entropy"] for p in curve], marker="o", color=color, label=name)
+        for p in curve:
+            mark(p, p["label"], color)
     for name, p in points.items():
-        ax.scatter([p["gini"]], [p["cross_entropy"]], marker="*", s=120, zorder=3, color=next(colors), label=name)
+        color = next(colors)
+        ax.scatter([p["gini"]], [min(p["cross_entropy"], top)], marker="*", s=120, zorder=3, color=color, label=name)
+        if p["cross_entropy"] > top:
+            mark(p, name, color)
+    ax.set_ylim(low - 0.05 * (top - low), top)
     ax.set_xlabel("mean Gini of expert load over layers (held-out top-k slots)")
     ax.set_ylabel("held-out cross-entropy (nats/token)")
     ax.set_title("Quality/balance frontier (lower left is better)", fontsize=10)

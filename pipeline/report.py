@@ -83,6 +83,35 @@ def compare_at_balance(variants: dict[str, dict], bias_curve: list[dict]) -> dic
     return out
 
 
+def frontier_dominance(lpr_curve: list[dict], bias_curve: list[dict], base: float) -> dict[str, Any]:
+    """Which points of each curve the other beats on both axes (mean Gini and held-out CE no higher, one
+    lower): the frontier comparison in words, with no interpolation between settings."""
+
+    def beats(a: dict, b: dict) -> bool:
+        no_worse = a["gini"] <= b["gini"] and a["cross_entropy"] <= b["cross_entropy"]
+        return no_worse and (a["gini"] < b["gini"] or a["cross_entropy"] < b["cross_entropy"])
+
+    bias_beaten = [b["label"] for b in bias_curve if any(beats(p, b) for p in lpr_curve)]
+    lpr_beaten = [p["label"] for p in lpr_curve if any(beats(b, p) for b in bias_curve)]
+    reach = min(p["gini"] for p in bias_curve)
+    lower = [p for p in lpr_curve if p["gini"] < reach]
+    sentence = (
+        f"LPR settings beat {len(bias_beaten)} of {len(bias_curve)} bias strengths on both Gini and CE"
+        + (f" (strength {', '.join(bias_beaten)})" if bias_beaten else "")
+        + f"; bias strengths beat {len(lpr_beaten)} of {len(lpr_curve)} LPR settings"
+        + (f" (balance {', '.join(lpr_beaten)})" if lpr_beaten else "")
+        + "."
+    )
+    if lower:
+        best = min(lower, key=lambda p: p["cross_entropy"])
+        cost = delta_pct(best["cross_entropy"], base)
+        sentence += (
+            f" Below the bias's lowest Gini ({reach:.3f}) only LPR goes: {len(lower)} settings, the cheapest "
+            f"(balance {best['label']}) at Gini {best['gini']:.3f} for {cost:+.2f} % CE."
+        )
+    return {"bias_beaten_by_lpr": bias_beaten, "lpr_beaten_by_bias": lpr_beaten, "sentence": sentence}
+
+
 def pick_winner(variants: dict[str, dict], max_gini: float) -> dict[str, Any]:
     """Lowest held-out cross-entropy among variants with mean slot Gini ≤ ``max_gini`` (the original
     gate competes too, when it is that balanced); if none is, the most balanced variant."""
@@ -196,6 +225,8 @@ def markdown(report: dict[str, Any]) -> str:
             if comparison["ratio"] is not None:
                 line += f" LPR's increase is {comparison['ratio']:.2f}× the baseline's."
         parts += ["", line]
+    if report.get("frontier"):
+        parts += ["", f"Frontier (`lpr-distill sweep`): {report['frontier']['sentence']}"]
     parts += [
         "",
         "Columns: Gini, min/max and CV of top-k slots per expert; Gini 90 % (docs) = the central 90 % of that "

@@ -22,7 +22,7 @@ from pipeline.models import load_model, resolve_model_path
 from pipeline.plots import frontier, require_matplotlib
 from pipeline.progress import info
 from pipeline.replace import install_routers
-from pipeline.report import curve_point
+from pipeline.report import curve_point, frontier_dominance
 from pipeline.validate import bias_strength_curve
 from pipeline.variants import VariantSwitcher, check_fit
 from storage.derived_run import DerivedRun
@@ -100,9 +100,11 @@ def run_sweep(*, cfg: RunConfig, run: RunDir, balances: list[float], force: bool
         "bias": bias_curve,
         "points": points,
         "heldout_tokens": int(held.ids.numel()),
+        "dominance": frontier_dominance(lpr_curve, bias_curve, points["original"]["cross_entropy"]),
         "seconds": round(time.time() - started, 1),
     }
     curves = {"lpr (distill.balance)": lpr_curve, "original+bias (strength ×)": bias_curve}
     write_files(run, run.path(FOLDER), {"frontier.png": frontier(curves, points), "frontier.json": to_json(results)})
+    info(f"[bold]sweep[/]: {results['dominance']['sentence']}")
     info(f"[bold]sweep[/]: {run.url_of(run.path(FOLDER))}/frontier.png")
     return results

@@ -20,7 +20,14 @@ from pipeline.heldout import HeldOut, heldout_sequences, measure
 from pipeline.models import load_config, load_model, model_identity, resolve_model_path
 from pipeline.plots import frontier, gini_per_layer, load_heatmaps, require_matplotlib
 from pipeline.progress import info
-from pipeline.report import compare_at_balance, curve_point, markdown, pick_winner, summary_rows
+from pipeline.report import (
+    compare_at_balance,
+    curve_point,
+    frontier_dominance,
+    markdown,
+    pick_winner,
+    summary_rows,
+)
 from pipeline.stages import build_manifest, previous_run
 from pipeline.variants import VARIANTS, VariantSwitcher, check_variants, scale_bias
 from storage.report import to_json, write_files
@@ -130,6 +137,9 @@ def build_report(
         "bias_curve": bias_curve,
         "lpr_sweep": lpr_curve,
         "comparison": compare_at_balance(results, bias_curve),
+        "frontier": frontier_dominance(lpr_curve, bias_curve, results["original"]["cross_entropy"])
+        if lpr_curve and bias_curve and "original" in results
+        else None,
         "winner": pick_winner(results, cfg.validate.max_gini),
         "config": cfg.section("validate"),
     }

@@ -14,7 +14,7 @@ from pipeline.distill import run_distill
 from pipeline.errors import LprError
 from pipeline.heldout import heldout_sequences, measure
 from pipeline.models import find_routers, load_model
-from pipeline.report import interpolate_ce, pick_winner
+from pipeline.report import frontier_dominance, interpolate_ce, pick_winner
 from pipeline.validate import run_validate
 from pipeline.variants import VARIANTS, VariantSwitcher, check_fit
 from storage.report import read_report
@@ -196,6 +196,23 @@ def test_winner_and_interpolation():
     assert interpolate_ce(overshoot, 0.12) == pytest.approx(3.99)
 
 
+def test_frontier_dominance_names_the_points_each_curve_beats():
+    def point(label: str, gini: float, ce: float) -> dict:
+        return {"label": label, "gini": gini, "cross_entropy": ce}
+
+    bias = [point("0", 0.35, 4.00), point("0.5", 0.17, 4.01), point("1", 0.06, 4.05), point("1.25", 0.09, 4.08)]
+    lpr = [point("0", 0.05, 4.04), point("0.5", 0.04, 4.06), point("1", 0.03, 4.50)]
+    result = frontier_dominance(lpr, bias, base=4.0)
+    # lpr 0 is more even and cheaper than bias 1 and 1.25; nothing of lpr's beats bias 0 or 0.5 on both axes
+    assert result["bias_beaten_by_lpr"] == ["1", "1.25"]
+    assert result["lpr_beaten_by_bias"] == []
+    assert "only LPR goes: 3 settings, the cheapest (balance 0) at Gini 0.050 for +1.00 % CE" in result["sentence"]
+    # a bias point that is both more even and cheaper beats an LPR setting; an equal point beats nothing
+    result = frontier_dominance([point("0", 0.07, 4.06), point("1", 0.06, 4.05)], bias, base=4.0)
+    assert result["lpr_beaten_by_bias"] == ["0"] and result["bias_beaten_by_lpr"] == ["1.25"]
+    assert "only LPR goes" not in result["sentence"]
+
+
 def choice_loglikelihoods(model, tokenizer, context: str, choices: list[str], max_length: int) -> list[float]:
     """Sum of log-probabilities of each choice after the context, tokenised and truncated (last
     ``max_length`` inputs) the way lm-eval does it."""
@@ -267,7 +284,9 @@ def test_sweep_distils_each_setting_apart_and_feeds_the_report(distilled):
     # the report now carries LPR's curve, and validate is redone (its inputs changed)
     manifest = run_validate(cfg=cfg, run=run)
     assert not manifest.skipped
-    assert [p["balance"] for p in read_report(run)["lpr_sweep"]] == [0.0, 1.0]
+    report = read_report(run)
+    assert [p["balance"] for p in report["lpr_sweep"]] == [0.0, 1.0]
+    assert report["frontier"] == results["dominance"]  # the same comparison, in the report and the sweep
 
 
 @pytest.mark.slow
