@@ -16,7 +16,8 @@ cluster size), MSE relative to plain k-means, where our time goes (distances vs 
 slot), and the load average: on a machine shared with other processes FAISS's OpenMP threads lose
 far more than our mostly single-threaded auction (measured here: plain FAISS 1 s idle, 4–19 s at a
 load average of 5–7), so the time ratios of a loaded run flatter us; ``--threads 1`` runs FAISS and
-our compiled loops on one thread each, which contention distorts much less.
+our compiled loops on one thread each, which contention distorts much less. (Beside CPU FAISS our
+compiled loops always run on one thread: ``pipeline.kmeans.compiled_threads``.)
 Usage: ``python benchmarks/kmeans.py [--rows 200000] [--threads 1]``.
 """
 
@@ -82,7 +83,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--kmc-rows", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="threads for FAISS and numba (0: all cores)")
+    parser.add_argument("--threads", type=int, default=0, help="threads for FAISS (0: all cores)")
     args = parser.parse_args()
     if args.threads:
         faiss.omp_set_num_threads(args.threads)

@@ -18,14 +18,15 @@ of its holders paid, so at the end every point's clusters are within ε of its b
 the optimum (linear-programming duality), and ``b_j`` is exactly the per-expert bias that makes a
 router reproduce it. ε-scaling (a coarse ε first, then ε/θ, keeping the prices) avoids price wars.
 
-Top-1 phases open with a Jacobi round: every point bids at once (two threads), each cluster keeps
-its highest bids, and only the losers bid one at a time. A point still ε-happy in the cluster it
-held in the last assignment (``start``: the last Lloyd step, or the last phase) bids for that
-cluster again, so once the centroids settle almost nobody moves and a Lloyd step costs one pass
-over the distances (200k × 64 benchmark, 20 iterations: late steps need no bid after the first
-round; 72–91 bids per point in all over 4 runs, mean 79, against 78–92, mean 87, without this;
-the trajectory is chaotic, so single runs vary). With several hands per point the
-Jacobi round costs more bids than it saves (measured), so top-k phases bid one at a time from the start.
+Top-1 phases open with a Jacobi round: every point bids at once (in parallel where numba has
+threads), each cluster keeps its highest bids, and only the losers bid one at a time. A point
+still ε-happy in the cluster it held in the last assignment (``start``: the last Lloyd step, or the
+last phase) bids for that cluster again, so once the centroids settle almost nobody moves and a
+Lloyd step costs one pass over the distances (200k × 64 benchmark, 20 iterations: late steps need
+no bid after the first round; 72–91 bids per point in all over 4 runs, mean 79, against 78–92,
+mean 87, without this; the trajectory is chaotic, so single runs vary). With several hands per
+point the Jacobi round costs more bids than it saves (measured), so top-k phases bid one at a
+time from the start.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def _evict(old, j, n_points, held, n_held, kp, queue, in_queue, tail, qsize):  #
 
 @njit(cache=True, parallel=True)
 def _first_bids(costs, price, eps, stay, choice, bid):  # pragma: no cover - compiled
-    """Top-1: what every point bids in the first round, all at once (rows are independent: two threads).
+    """Top-1: what every point bids in the first round, all at once (rows are independent: parallel).
 
     costs: (N, k) float32, price: (k,) float64, stay: (N,) int64 each point's cluster in the last
     assignment (−1: none) → choice (N,) int64, bid (N,) float64. A point still ε-happy in its last

@@ -12,11 +12,14 @@ Pure arrays in, ``(result, stats)`` out; seeded and deterministic on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import faiss
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -78,6 +81,26 @@ class Distances:
         return np.maximum(dist, 0, out=dist)  # ‖x‖² + ‖c‖² − 2x·c can dip below 0
 
 
+@contextlib.contextmanager
+def compiled_threads(gpu: bool) -> Iterator[None]:
+    """One numba thread while FAISS searches on the CPU (this thread only; restored after).
+
+    FAISS's OpenMP threads keep spinning for a while after each call, and numba's OpenMP pool (another
+    libgomp) then fights them for the same cores: measured on 2 cores, 20 iterations on 10,000 × 128
+    rows take 0.43 s with two numba threads and 0.22 s with one (the distances alone 0.19 s → 0.06 s),
+    200,000 rows 7.9 s → 7.2 s. With FAISS on a GPU the cores are free and numba keeps them all.
+    """
+    if gpu:
+        yield
+        return
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
+
 @njit(cache=True, parallel=True)
 def _cluster_sums(x, assignment, k, chunks):  # pragma: no cover - compiled
     """Per-chunk float64 sums of each cluster's points: (chunks, k, d); fixed chunks keep it deterministic."""
@@ -95,8 +118,8 @@ def _cluster_sums(x, assignment, k, chunks):  # pragma: no cover - compiled
 def update_centroids(x: np.ndarray, assignment: np.ndarray, k: int) -> np.ndarray:
     """Mean of the points in each cluster. x: (N, d) float32, assignment: (N, kp) int64 → (k, d) float32.
 
-    Summed in float64 by a compiled loop over rows, split in two halves (one per core): 3–4× faster
-    than ``torch.index_add_`` here, and it runs once per Lloyd iteration.
+    Summed in float64 by a compiled loop over rows, in two fixed halves (one per thread where numba
+    has two): 3–4× faster than ``torch.index_add_`` here, and it runs once per Lloyd iteration.
     """
     sums = _cluster_sums(x, np.ascontiguousarray(assignment, dtype=np.int64), k, 2).sum(axis=0)
     counts = np.bincount(assignment.reshape(-1), minlength=k)
@@ -181,7 +204,8 @@ def balanced_assign(
     x = np.ascontiguousarray(x, dtype=np.float32)
     check_inputs(x, centroids.shape[0], top_k)
     assigner = BalancedAssigner(x, centroids.shape[0], top_k=top_k, tol=tol)
-    held, costs, _ = assigner.step(np.ascontiguousarray(centroids, dtype=np.float32), final=True)
+    with compiled_threads(assigner.distances.gpu):
+        held, costs, _ = assigner.step(np.ascontiguousarray(centroids, dtype=np.float32), final=True)
     return held, costs, assigner.prices
 
 
@@ -206,6 +230,15 @@ def balanced_kmeans(
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     check_inputs(x, k, top_k)
+    assigner = BalancedAssigner(x, k, top_k=top_k, tol=tol)
+    with compiled_threads(assigner.distances.gpu):
+        return _lloyd(assigner, niter=niter, seed=seed, init=init, on_iteration=on_iteration)
+
+
+def _lloyd(
+    assigner: BalancedAssigner, *, niter: int, seed: int, init: np.ndarray | None, on_iteration: Any
+) -> tuple[BalancedKMeans, dict[str, Any]]:
+    x, k, top_k, tol = assigner.x, assigner.k, assigner.top_k, assigner.tol
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
     centroids = (
@@ -213,7 +246,6 @@ def balanced_kmeans(
         if init is not None
         else x[np.sort(rng.choice(x.shape[0], size=k, replace=False))].copy()
     )
-    assigner = BalancedAssigner(x, k, top_k=top_k, tol=tol)
     inertia: list[float] = []
     eps_used: list[float] = []
     for t in range(niter):
