@@ -82,15 +82,19 @@ def print_report(run: RunDir) -> None:
     rows = report["summary"]
     table = Table(title="validation (held-out, means over layers)", box=box.SIMPLE_HEAD)
     tasks = [key for key in rows[0] if key.startswith("task:")]
-    columns = ["variant", "Gini", "min/max", "CV", "CE", "Δ CE", "ppl", "agree"]
+    columns = ["variant", "Gini", "90 % docs", "min/max", "CV", "CE", "Δ CE", "ppl", "agree"]
     for column in columns + [f"{t.removeprefix('task:')} acc" for t in tasks]:
         table.add_column(column, justify="right", no_wrap=True)
     for row in rows:
-        cells = [row["variant"], f"{row['gini']:.3f}", f"{row['min_max']:.2f}", f"{row['cv']:.3f}"]
+        interval = row.get("gini_documents")
+        cells = [row["variant"], f"{row['gini']:.3f}", "—" if not interval else "{:.3f}–{:.3f}".format(*interval)]
+        cells += [f"{row['min_max']:.2f}", f"{row['cv']:.3f}"]
         cells += [f"{row['cross_entropy']:.4f}", f"{row['delta_ce_pct']:+.2f} %", f"{row['perplexity']:.1f}"]
         cells += [f"{row['topk_agreement']:.1%}"]
         cells += ["—" if row[t] is None else f"{row[t]:.3f}" for t in tasks]
         table.add_row(*cells)
-    Console(width=max(out.width, 110)).print(table)  # a log (80 columns by default) keeps the table whole
+    Console(width=max(out.width, 128)).print(table)  # a log (80 columns by default) keeps the table whole
     out.print(report["winner"]["sentence"].replace("**", ""), highlight=False)
+    if report.get("frontier"):
+        out.print(f"frontier: {report['frontier']['sentence']}", highlight=False)
     out.print(f"report: {run.url_of(run.output_path('validate'))}/report.md", highlight=False)

@@ -297,6 +297,7 @@ def test_cli_validate_prints_the_table_and_errors_in_one_line(distilled, monkeyp
     code, out, err = invoke(monkeypatch, capsys, "validate", run.url, "--variants", "original,lpr", "--tasks", "")
     assert code == 0, err
     assert "original" in out and "lpr" in out and "Winner (" in out and "report/report.md" in out
+    assert "90 % docs" in out  # the document-bootstrap interval of the Gini
     assert list(read_report(run)["variants"]) == ["original", "lpr"]
     empty = tmp_path / "empty"
     empty.mkdir()
