@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import posixpath
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -65,11 +66,19 @@ def _decode(raw: bytes, where: str) -> str:
         ) from None
 
 
+def _name(path: str) -> str:
+    """A corpus file's name in document names: where the corpus lives (a mount, a bucket) must not
+    move documents between the train and held-out sides."""
+    return posixpath.basename(path.rstrip("/"))
+
+
 def _read_text(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[Document]:
-    files = sorted(p for p in fs.find(path) if p.endswith(tuple(TEXT_SUFFIXES))) if fs.isdir(path) else [path]
+    folder = fs.isdir(path)
+    files = sorted(p for p in fs.find(path) if p.endswith(tuple(TEXT_SUFFIXES))) if folder else [path]
     for file in files:
         with fs.open(file, "rb") as handle:
-            yield Document(name=file, text=_decode(handle.read(), file))
+            name = posixpath.relpath(file, path.rstrip("/")) if folder else _name(file)
+            yield Document(name=name, text=_decode(handle.read(), file))
 
 
 def _read_jsonl(fs: fsspec.AbstractFileSystem, path: str, field: str) -> Iterator[Document]:
@@ -98,7 +107,7 @@ def _read_jsonl(fs: fsspec.AbstractFileSystem, path: str, field: str) -> Iterato
                     f"{path}:{lineno} field '{field}' holds an unpaired surrogate (an escape like \\ud800)",
                     "fix or drop that line",
                 )
-            yield Document(name=f"{path}:{lineno}", text=row[field])
+            yield Document(name=f"{_name(path)}:{lineno}", text=row[field])
 
 
 def _encodable(text: str) -> bool:
@@ -139,7 +148,7 @@ def _read_parquet(fs: fsspec.AbstractFileSystem, path: str, field: str) -> Itera
         row = 0
         for batch in parquet.iter_batches(columns=[field], batch_size=1024):
             for text in batch.column(0).to_pylist():
-                yield Document(name=f"{path}:{row}", text=text or "")
+                yield Document(name=f"{_name(path)}:{row}", text=text or "")
                 row += 1
 
 
@@ -157,7 +166,7 @@ def _read_dataset(source: str, field: str) -> Iterator[Document]:
     row = 0
     for batch in data.select_columns([field]).iter(batch_size=1024):
         for text in batch[field]:
-            yield Document(name=f"{source}:{row}", text=text or "")
+            yield Document(name=f"{source if source.startswith('hf:') else _name(source)}:{row}", text=text or "")
             row += 1
 
 

@@ -28,6 +28,24 @@ def test_text_file_and_folder(tmp_path):
     assert [d.text for d in load(tmp_path)] == [TEXTS[0], TEXTS[1]]
 
 
+def test_moving_the_corpus_keeps_names_split_and_digest(tmp_path):
+    """Where the corpus lives (another mount, machine or bucket) must not move documents between the
+    train and held-out sides: names are relative to the source."""
+    rows = "".join(json.dumps({"text": t}) + "\n" for t in make_texts(40))
+    for place in ("here", "there/deeper"):
+        (tmp_path / place / "docs").mkdir(parents=True)
+        (tmp_path / place / "c.jsonl").write_text(rows)
+        for i, text in enumerate(TEXTS):
+            (tmp_path / place / "docs" / f"{i}.txt").write_text(text)
+    for source in ("c.jsonl", "docs"):
+        here, there = load(tmp_path / "here" / source), load(tmp_path / "there/deeper" / source)
+        assert [d.name for d in here] == [d.name for d in there]
+        assert all(str(tmp_path) not in d.name for d in here)
+        described = [describe_corpus(CorpusConfig(source=str(tmp_path / p / source))) for p in ("here", "there/deeper")]
+        assert described[0].digest == described[1].digest
+        assert described[0].heldout_documents == described[1].heldout_documents
+
+
 def test_jsonl_parquet_and_datasets_agree(tmp_path):
     import datasets
     import pyarrow as pa
