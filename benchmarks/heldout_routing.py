@@ -20,6 +20,7 @@ import json
 from pipeline.config import build_config, parse_yaml
 from pipeline.heldout import heldout_sequences, measure
 from pipeline.models import load_model, resolve_model_path
+from pipeline.report import interval_text
 from pipeline.variants import VariantSwitcher
 from storage.rundir import RunDir
 
@@ -54,8 +55,8 @@ def main() -> None:
             "topk_agreement": round(mean["topk_agreement"], 5),
         }
         delta = (r["cross_entropy"] / base - 1) * 100
-        low, high = mean["slot"]["document_interval"]["gini"]
-        figures = f"{mean['slot']['gini']:10.4f} {f'{low:.3f}–{high:.3f}':>13} {mean['slot']['min_max']:8.3f}"
+        interval = interval_text(mean["slot"]["document_interval"]["gini"])
+        figures = f"{mean['slot']['gini']:10.4f} {interval:>13} {mean['slot']['min_max']:8.3f}"
         figures += f" {mean['soft']['gini']:10.4f}"
         print(f"{name:<15} {r['cross_entropy']:7.4f} {delta:+7.2f}% {figures} {mean['topk_agreement']:6.3f}")
     print(json.dumps({"tokens": int(held.ids.numel()), **summary}))

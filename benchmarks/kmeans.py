@@ -83,7 +83,12 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--kmc-rows", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="threads for FAISS (0: all cores)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="threads for FAISS, and for our compiled loops when FAISS runs on a GPU (0: all cores)",
+    )
     args = parser.parse_args()
     if args.threads:
         faiss.omp_set_num_threads(args.threads)

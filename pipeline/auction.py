@@ -298,5 +298,6 @@ def auction(
             waiting = np.arange(n, dtype=np.int64)
         phase_bids = _auction_phase(costs, kp, n_dummies, float(eps), hp, ho, ep, eo, held, n_held, waiting)
         bids += (n if kp == 1 else 0) + int(phase_bids)
-        keep[:] = held[:, 0]
+        if kp == 1:
+            keep[:] = held[:, 0]
     return held, np.minimum(hp[:, 0], ep), bids

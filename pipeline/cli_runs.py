@@ -74,6 +74,7 @@ def _names(text: str | None) -> list[str] | None:
 
 def print_report(run: RunDir) -> None:
     """The report's summary table and path (after validate, and at the end of the demo)."""
+    from pipeline.report import interval_text
     from storage.report import read_report
 
     report = read_report(run)
@@ -86,8 +87,7 @@ def print_report(run: RunDir) -> None:
     for column in columns + [f"{t.removeprefix('task:')} acc" for t in tasks]:
         table.add_column(column, justify="right", no_wrap=True)
     for row in rows:
-        interval = row.get("gini_documents")
-        cells = [row["variant"], f"{row['gini']:.3f}", "—" if not interval else "{:.3f}–{:.3f}".format(*interval)]
+        cells = [row["variant"], f"{row['gini']:.3f}", interval_text(row.get("gini_documents"))]
         cells += [f"{row['min_max']:.2f}", f"{row['cv']:.3f}"]
         cells += [f"{row['cross_entropy']:.4f}", f"{row['delta_ce_pct']:+.2f} %", f"{row['perplexity']:.1f}"]
         cells += [f"{row['topk_agreement']:.1%}"]

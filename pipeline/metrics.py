@@ -162,12 +162,9 @@ def document_interval(
     weights = np.random.default_rng(seed).multinomial(documents, np.full(documents, 1 / documents), size=draws)
     ginis, ratios = np.zeros(draws), np.zeros(draws)
     for slots in doc_slots:
-        loads = np.sort(weights @ np.asarray(slots, np.float64), axis=1)  # (draws, E)
-        experts = loads.shape[1]
-        ranks = np.arange(1, experts + 1)
-        totals = np.maximum(loads.sum(1), 1e-300)
-        ginis += (loads * (2 * ranks - experts - 1)).sum(1) / (experts * totals)
-        ratios += loads[:, 0] / np.maximum(loads[:, -1], 1e-300)
+        loads = weights @ np.asarray(slots, np.float64)  # (draws, E)
+        ginis += [gini(load) for load in loads]
+        ratios += [min_max_ratio(load) for load in loads]
     tail = 100 * (1 - coverage) / 2
     return {
         name: [float(v) for v in np.percentile(values / len(doc_slots), [tail, 100 - tail])]

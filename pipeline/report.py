@@ -158,11 +158,14 @@ def summary_rows(variants: dict[str, dict]) -> list[dict[str, Any]]:
     return rows
 
 
+def interval_text(interval: list[float] | None, digits: int = 3) -> str:
+    """[low, high] as "low–high" (— when absent): the report, the CLI table and the benchmark."""
+    return "—" if not interval else "–".join(f"{v:.{digits}f}" for v in interval)
+
+
 def _cell(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, list):  # an interval
-        return "–".join(f"{v:.{digits}f}" for v in value)
+    if value is None or isinstance(value, list):  # a list is an interval
+        return interval_text(value, digits)
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
