@@ -96,7 +96,7 @@ def dump(
 def cluster(
     run_dir: Annotated[str, typer.Argument(help="Run directory with a complete dump.")],
     layers: Annotated[
-        str | None, typer.Option(help="Comma-separated layers to redo with --force, e.g. 0,2 or layer_003.")
+        str | None, typer.Option(help="Comma-separated layers to redo (the rest is reused), e.g. 0,2 or layer_003.")
     ] = None,
     latent_dim: Annotated[int | None, typer.Option(help="PCA components per layer.")] = None,
     config: ConfigOpt = None,

@@ -164,13 +164,14 @@ def cluster_identity(cfg: RunConfig, run: RunDir) -> tuple[dict[str, Any], dict[
 
 
 def run_cluster(*, cfg: RunConfig, run: RunDir, force: bool = False, layers: list[str] | None = None) -> Manifest:
-    """Write ``prototypes/`` for every MoE layer. ``layers``: redo only these (the rest is reused when up to date)."""
+    """Write ``prototypes/`` for every MoE layer. ``layers``: redo these (the rest is reused when up to
+    date); ``force`` without ``layers`` redoes every layer."""
     config, inputs, fp = cluster_identity(cfg, run)
     started = time.time()
     reader = StatesReader(run.url_of(run.output_path("dump")), run.storage_options)
     check_cluster_inputs(cfg, reader)
-    redo = set(resolve_layers(reader, layers)) if force else set()
-    if (done := previous_run(run, STAGE, fp, force=force)) is not None:
+    redo = set(resolve_layers(reader, layers)) if force or layers else set()
+    if (done := previous_run(run, STAGE, fp, force=bool(redo))) is not None:
         return done.model_copy(update={"skipped": True})
 
     partial, final = run.partial_path(STAGE), run.output_path(STAGE)

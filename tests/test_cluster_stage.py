@@ -78,6 +78,20 @@ def test_force_layers_redoes_only_those(tmp_path, dumped):
     assert run.is_complete("cluster")
 
 
+def test_layers_alone_redo_those_and_a_wrong_name_is_an_error(tmp_path, dumped):
+    """``--layers`` without ``--force`` still redoes the named layers on a complete run (it used to be
+    skipped as up to date), and a layer the store lacks is an error even when nothing would run."""
+    run = _copy(tmp_path, dumped)
+    cfg = _config(dumped[1])
+    run_cluster(cfg=cfg, run=run)
+    before = _meta(run, "layer_001")
+    with pytest.raises(LprError, match="layer '9' is not in the states store"):
+        run_cluster(cfg=cfg, run=run, layers=["9"])
+    again = run_cluster(cfg=cfg, run=run, layers=["layer_001"])
+    assert not again.skipped
+    assert _meta(run, "layer_001")["kmeans"]["seconds"] != before["kmeans"]["seconds"]
+
+
 def test_sample_smaller_than_the_layer(tmp_path, dumped):
     """A layer larger than the sample is clustered from exactly ``sample_rows`` rows of whole chunks."""
     run = _copy(tmp_path, dumped)
