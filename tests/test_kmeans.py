@@ -149,24 +149,51 @@ def test_kmeans_exact_balance_and_determinism():
     assert len(stats["inertia"]) == 7
 
 
-def test_mse_matches_balanced_lloyd_with_exact_assignments():
-    """Same initial centroids: every step exact (Hungarian) vs ours → final MSE within 1 %."""
-    rng = np.random.default_rng(11)
-    x = _points(120, 4, 11)
+def exact_topk_assignment(cost: np.ndarray, kp: int) -> np.ndarray:
+    """An optimal balanced assignment (N, kp) int64: top-1 by Hungarian on replicated clusters (N a
+    multiple of k), top-k by the LP of ``exact_topk_cost`` (integral: the constraints are totally unimodular)."""
+    n, k = cost.shape
+    floor = n * kp // k
+    assert n * kp % k == 0
+    if kp == 1:
+        slots = np.repeat(np.arange(k), floor)
+        rows, cols = linear_sum_assignment(cost[:, slots])
+        assignment = np.empty((n, 1), np.int64)
+        assignment[rows, 0] = slots[cols]
+        return assignment
+    a_rows = np.zeros((n, n * k))
+    for i in range(n):
+        a_rows[i, i * k : (i + 1) * k] = 1
+    a_cols = np.zeros((k, n * k))
+    for j in range(k):
+        a_cols[j, j::k] = 1
+    result = linprog(
+        cost.reshape(-1),
+        A_eq=np.vstack([a_rows, a_cols]),
+        b_eq=np.concatenate([np.full(n, kp), np.full(k, floor)]),
+        bounds=(0, 1),
+        method="highs",
+    )
+    assert result.status == 0
+    chosen = result.x.reshape(n, k) > 0.5
+    assert (chosen.sum(axis=1) == kp).all()
+    return np.nonzero(chosen)[1].reshape(n, kp).astype(np.int64)
+
+
+@pytest.mark.parametrize(("seed", "n", "kp"), [(11, 120, 1), (12, 120, 1), (13, 120, 1), (21, 60, 2), (22, 60, 2)])
+def test_mse_matches_balanced_lloyd_with_exact_assignments(seed, n, kp):
+    """Same initial centroids: every step exact (Hungarian / LP) vs ours → final MSE per slot within 1 %."""
+    rng = np.random.default_rng(seed)
+    x = _points(n, 4, seed)
     k = 6
-    init = x[rng.choice(120, k, replace=False)].copy()
-    _ours, stats = balanced_kmeans(x, k, niter=8, init=init)
+    init = x[rng.choice(n, k, replace=False)].copy()
+    _ours, stats = balanced_kmeans(x, k, top_k=kp, niter=8, init=init)
 
     centroids = init.astype(np.float32)
-    floor = 120 // k
     for _ in range(8):
-        cost = _costs(x, centroids)
-        rows, cols = linear_sum_assignment(cost[:, np.repeat(np.arange(k), floor)])
-        assignment = np.empty((120, 1), np.int64)
-        assignment[rows, 0] = np.repeat(np.arange(k), floor)[cols]
-        centroids = update_centroids(x, assignment, k)
+        centroids = update_centroids(x, exact_topk_assignment(_costs(x, centroids), kp), k)
     cost = _costs(x, centroids)
-    reference = exact_top1_cost(cost) / 120
+    reference = float(np.take_along_axis(cost, exact_topk_assignment(cost, kp), axis=1).sum()) / (n * kp)
     assert stats["inertia"][-1] <= reference * 1.01
 
 
