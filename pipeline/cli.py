@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.cli_runs import _names, _run_stages, _saving_config, out, print_report, resolve_config
+from pipeline.cli_runs import _names, _run_stages, _saving_config, out, print_report, print_table, resolve_config
 from pipeline.config import (
     to_yaml,
 )
@@ -129,7 +129,7 @@ def cluster(
             f"{row['chance_share']:.1%}",
             f"{row['seconds']:.1f}",
         )
-    out.print(table)
+    print_table(table)
 
 
 @app.command()
@@ -203,7 +203,7 @@ def sweep(
     for curve, p in rows:
         cells = [f"{p['gini']:.3f}", f"{p['min_max']:.2f}", f"{p['cross_entropy']:.4f}", f"{p['topk_agreement']:.1%}"]
         table.add_row(curve, p["label"], *cells)
-    out.print(table)
+    print_table(table)
     out.print(f"frontier: {run.url_of(run.path('sweep'))}/frontier.png", highlight=False)
 
 
@@ -334,7 +334,7 @@ def status(
         finished = info.get("finished_at", "").replace("T", " ").removesuffix("+00:00")  # UTC
         seconds = f"{info['seconds']:.1f}" if "seconds" in info else ""
         table.add_row(stage, state, finished, seconds, size, info.get("details", ""))
-    out.print(table)
+    print_table(table)
 
 
 @config_app.command("show")

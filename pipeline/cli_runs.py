@@ -22,6 +22,12 @@ from storage.rundir import RunDir
 out = Console()
 
 
+def print_table(table: Table, width: int = 140) -> None:
+    """Print at least ``width`` columns wide: a log or a pipe (80 columns by default) keeps the table
+    whole instead of truncating its cells to "layer…" in every row."""
+    Console(width=max(out.width, width)).print(table)
+
+
 def resolve_config(
     *, run: RunDir | None, config: Path | None, sets: list[str] | None, flags: dict[str, Any] | None = None
 ) -> RunConfig:
@@ -93,7 +99,7 @@ def print_report(run: RunDir) -> None:
         cells += [f"{row['topk_agreement']:.1%}"]
         cells += ["—" if row[t] is None else f"{row[t]:.3f}" for t in tasks]
         table.add_row(*cells)
-    Console(width=max(out.width, 128)).print(table)  # a log (80 columns by default) keeps the table whole
+    print_table(table)
     out.print(report["winner"]["sentence"].replace("**", ""), highlight=False)
     if report.get("frontier"):
         out.print(f"frontier: {report['frontier']['sentence']}", highlight=False)
