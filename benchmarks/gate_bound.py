@@ -42,7 +42,8 @@ def main() -> None:
     base = measure(model, held, cfg=cfg, teachers=originals)["cross_entropy"]
     rows: dict[str, dict] = {}
 
-    def record(label: str) -> None:
+    def record(label: str, routers: dict) -> None:
+        """Install ``routers``, calibrate their bias in the model, measure the held-out documents, restore."""
         install_routers(model, routers)
         calibrate_in_model(model, sequences.calibration, batch=cfg.distill.model_batch_sequences, quiet=True)
         result = measure(model, held, cfg=cfg, teachers=originals)
@@ -58,8 +59,7 @@ def main() -> None:
         figures = f"Gini {r['gini']:.4f}  min/max {r['min_max']:.3f}  ΔCE {r['delta_ce_pct']:+.2f} %"
         print(f"{label:<22} {figures}  soft Gini {r['soft_gini']:.4f}", flush=True)
 
-    routers = identity_routers(model)  # untrained: the original gate + a calibrated bias = original+bias
-    record("gate, untrained (bias)")
+    record("gate, untrained (bias)", identity_routers(model))  # the original gate + a calibrated bias
     for balance in (float(b) for b in args.balance.split(",")):
         update = {"balance": balance} | ({"model_steps": args.steps} if args.steps else {})
         routers = identity_routers(model)
@@ -72,7 +72,7 @@ def main() -> None:
             seed=cfg.seed,
             calibration=sequences.calibration,
         )
-        record(f"gate trained, bal {balance:g}")
+        record(f"gate trained, bal {balance:g}", routers)
     print(json.dumps({"tokens": int(held.ids.numel()), "steps": args.steps or cfg.distill.model_steps, **rows}))
 
 
