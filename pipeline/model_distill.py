@@ -43,6 +43,17 @@ def next_token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) ->
     return F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")
 
 
+def next_token_gap(teacher_logits: torch.Tensor, student_logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The student's cross-entropy on the text's next tokens minus the teacher's (nats).
+
+    logits (B, S, V), ids (B, S)."""
+    vocab = student_logits.shape[-1]
+    targets = ids[:, 1:].reshape(-1)
+    student = F.cross_entropy(student_logits[:, :-1].float().reshape(-1, vocab), targets)
+    teacher = F.cross_entropy(teacher_logits[:, :-1].float().reshape(-1, vocab), targets)
+    return student - teacher
+
+
 def sequence_balance_loss(router_logits: torch.Tensor, sequences: int, iterations: int) -> torch.Tensor:
     """Cross-entropy of the router's distribution against its per-sequence balanced projection, minus
     that projection's entropy (= KL, 0 when every sequence is already balanced). router_logits (B·S, E)."""
@@ -101,15 +112,21 @@ def _losses(
     taps: RouterTaps,
     ids: torch.Tensor,
     iterations: int,
+    data_ce: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(KL to the original model, mean per-layer balance loss) on the sequences ids (B, S)."""
+    """(fidelity, mean per-layer balance loss) on the sequences ids (B, S). Fidelity: the KL to the
+    original model, or with ``data_ce`` > 0 that share of it replaced by the gap in the text's own
+    next-token loss (student − teacher)."""
     swap_modules(model, originals)
     with torch.no_grad():
         teacher = model(ids).logits
     swap_modules(model, routers)
     student = model(ids).logits
     balance = sum(sequence_balance_loss(taps.logits[name], len(ids), iterations) for name in routers)
-    return next_token_kl(teacher, student), balance / len(routers)
+    fidelity = next_token_kl(teacher, student)
+    if data_ce > 0:
+        fidelity = (1 - data_ce) * fidelity + data_ce * next_token_gap(teacher, student, ids)
+    return fidelity, balance / len(routers)
 
 
 def _evaluate(model, originals, routers, taps, ids: torch.Tensor, cfg: DistillConfig, batch: int) -> dict[str, float]:
@@ -117,12 +134,12 @@ def _evaluate(model, originals, routers, taps, ids: torch.Tensor, cfg: DistillCo
     with torch.no_grad():
         for start in range(0, len(ids), batch):
             chunk = ids[start : start + batch]
-            k, b = _losses(model, originals, routers, taps, chunk, cfg.sinkhorn_iterations)
+            k, b = _losses(model, originals, routers, taps, chunk, cfg.sinkhorn_iterations, cfg.model_data_ce)
             kl, balance = kl + float(k) * len(chunk), balance + float(b) * len(chunk)
             for name in routers:
                 loads[name] += np.bincount(taps.indices[name].reshape(-1).cpu().numpy(), minlength=len(loads[name]))
     kl, balance = kl / len(ids), balance / len(ids)
-    return {
+    return {  # "kl" is the fidelity term: the KL itself unless distill.model_data_ce > 0
         "kl": kl,
         "balance": balance,
         "objective": (1 - cfg.balance) * kl + cfg.balance * balance,
@@ -180,7 +197,7 @@ def distill_in_model(
             for step in range(1, steps + 1):
                 start = (step - 1) * batch  # every sequence once, then again (a small corpus) in the same order
                 ids = train[torch.arange(start, start + batch) % len(train)].to(device)
-                kl, balance = _losses(model, originals, routers, taps, ids, cfg.sinkhorn_iterations)
+                kl, balance = _losses(model, originals, routers, taps, ids, cfg.sinkhorn_iterations, cfg.model_data_ce)
                 loss = (1 - cfg.balance) * kl + cfg.balance * balance
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -181,3 +181,35 @@ def test_distill_refuses_states_of_another_model(distilled, tmp_path, tiny_model
     with pytest.raises(LprError, match="was dumped from model"):
         run_distill(cfg=wrong, run=run, force=True)
     assert run.is_complete("distill")  # refused before anything was touched
+
+
+def test_next_token_gap_is_the_cross_entropy_difference_on_the_next_tokens():
+    from pipeline.model_distill import next_token_gap
+
+    gen = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(2, 5, 7, generator=gen), torch.randn(2, 5, 7, generator=gen)
+    ids = torch.randint(0, 7, (2, 5), generator=gen)
+
+    def ce(logits: torch.Tensor) -> float:  # by hand: −log p(next token), averaged over the 2 × 4 predictions
+        logp = torch.log_softmax(logits, -1)
+        return float(-sum(logp[b, s, ids[b, s + 1]] for b in range(2) for s in range(4)) / 8)
+
+    assert float(next_token_gap(teacher, student, ids)) == pytest.approx(ce(student) - ce(teacher), abs=1e-5)
+    assert float(next_token_gap(teacher, teacher, ids)) == 0.0
+
+
+def test_model_data_ce_changes_the_fidelity_term(distilled, tiny_model):
+    """distill.model_data_ce = 0 is the KL alone; 1 is the next-token loss gap, another number on the same routers."""
+    from pipeline.config import DistillConfig
+    from pipeline.model_distill import distill_in_model
+    from pipeline.models import load_model
+
+    cfg, run, _ = distilled
+    model, _ = load_model(cfg.model, str(tiny_model))
+    ids = torch.randint(0, model.config.vocab_size, (8, 16), generator=torch.Generator().manual_seed(2))
+    start = {}
+    for weight in (0.0, 1.0):
+        d = DistillConfig(**(cfg.distill.model_dump() | {"model_steps": 1, "model_data_ce": weight}))
+        start[weight] = distill_in_model(model, distilled_routers(run)[0], ids[:4], ids[4:], d, seed=0)["history"][0]
+    assert start[0.0]["kl"] >= 0 and start[0.0]["gini"] == start[1.0]["gini"]  # same routers, same routing
+    assert start[1.0]["kl"] != pytest.approx(start[0.0]["kl"], rel=1e-3)
