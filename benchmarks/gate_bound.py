@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
 from pipeline.calibrate import calibrate_in_model, training_sequences
-from pipeline.config import build_config, parse_yaml
+from pipeline.cli_runs import resolve_config
 from pipeline.heldout import heldout_sequences, measure
 from pipeline.model_distill import distill_in_model
 from pipeline.models import find_routers, load_model, resolve_model_path
@@ -34,7 +32,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="model-level steps (default: distill.model_steps)")
     args = parser.parse_args()
     run = RunDir(args.run_dir)
-    cfg = build_config(parse_yaml(run.read_config() or "", origin="config.yaml"))
+    cfg = resolve_config(run=run, config=None, sets=None)
     model, tokenizer = load_model(cfg.model, resolve_model_path(cfg))
     held = heldout_sequences(cfg, tokenizer, cfg.validate.sequences)
     sequences = training_sequences(cfg, tokenizer)
@@ -77,5 +75,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    torch.manual_seed(0)
     main()

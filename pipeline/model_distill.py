@@ -35,23 +35,24 @@ from pipeline.replace import install_routers, swap_modules
 from pipeline.router import LatentPrototypeRouter
 
 
-def next_token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(teacher ‖ student) of the next-token distributions; logits (B, S, V)."""
-    vocab = student_logits.shape[-1]
-    log_student = F.log_softmax(student_logits.float().reshape(-1, vocab), dim=-1)
-    log_teacher = F.log_softmax(teacher_logits.float().reshape(-1, vocab), dim=-1)
-    return F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")
+def next_token_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Float32 log-probabilities of the next token, (B, S, V), computed once for every fidelity term."""
+    return F.log_softmax(logits.float(), dim=-1)
 
 
-def next_token_gap(teacher_logits: torch.Tensor, student_logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def next_token_kl(log_teacher: torch.Tensor, log_student: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher ‖ student) of the next-token distributions; log-probabilities (B, S, V)."""
+    vocab = log_student.shape[-1]
+    student, teacher = log_student.reshape(-1, vocab), log_teacher.reshape(-1, vocab)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
+def next_token_gap(log_teacher: torch.Tensor, log_student: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The student's cross-entropy on the text's next tokens minus the teacher's (nats).
 
-    logits (B, S, V), ids (B, S)."""
-    vocab = student_logits.shape[-1]
-    targets = ids[:, 1:].reshape(-1)
-    student = F.cross_entropy(student_logits[:, :-1].float().reshape(-1, vocab), targets)
-    teacher = F.cross_entropy(teacher_logits[:, :-1].float().reshape(-1, vocab), targets)
-    return student - teacher
+    log-probabilities (B, S, V), ids (B, S)."""
+    targets = ids[:, 1:, None]
+    return (log_teacher[:, :-1].gather(-1, targets) - log_student[:, :-1].gather(-1, targets)).mean()
 
 
 def sequence_balance_loss(router_logits: torch.Tensor, sequences: int, iterations: int) -> torch.Tensor:
@@ -111,38 +112,38 @@ def _losses(
     routers: dict[str, LatentPrototypeRouter],
     taps: RouterTaps,
     ids: torch.Tensor,
-    iterations: int,
-    data_ce: float = 0.0,
+    cfg: DistillConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(fidelity, mean per-layer balance loss) on the sequences ids (B, S). Fidelity: the KL to the
-    original model, or with ``data_ce`` > 0 that share of it replaced by the gap in the text's own
-    next-token loss (student − teacher)."""
+    original model, or with ``model_data_ce`` > 0 that share of it replaced by the gap in the text's
+    own next-token loss (student − teacher)."""
     swap_modules(model, originals)
     with torch.no_grad():
-        teacher = model(ids).logits
+        log_teacher = next_token_log_probs(model(ids).logits)
     swap_modules(model, routers)
-    student = model(ids).logits
-    balance = sum(sequence_balance_loss(taps.logits[name], len(ids), iterations) for name in routers)
-    fidelity = next_token_kl(teacher, student)
-    if data_ce > 0:
-        fidelity = (1 - data_ce) * fidelity + data_ce * next_token_gap(teacher, student, ids)
+    log_student = next_token_log_probs(model(ids).logits)
+    balance = sum(sequence_balance_loss(taps.logits[name], len(ids), cfg.sinkhorn_iterations) for name in routers)
+    fidelity = next_token_kl(log_teacher, log_student)
+    if cfg.model_data_ce > 0:
+        gap = next_token_gap(log_teacher, log_student, ids)
+        fidelity = (1 - cfg.model_data_ce) * fidelity + cfg.model_data_ce * gap
     return fidelity, balance / len(routers)
 
 
 def _evaluate(model, originals, routers, taps, ids: torch.Tensor, cfg: DistillConfig, batch: int) -> dict[str, float]:
-    kl, balance, loads = 0.0, 0.0, {name: np.zeros(r.num_experts) for name, r in routers.items()}
+    fidelity, balance, loads = 0.0, 0.0, {name: np.zeros(r.num_experts) for name, r in routers.items()}
     with torch.no_grad():
         for start in range(0, len(ids), batch):
             chunk = ids[start : start + batch]
-            k, b = _losses(model, originals, routers, taps, chunk, cfg.sinkhorn_iterations, cfg.model_data_ce)
-            kl, balance = kl + float(k) * len(chunk), balance + float(b) * len(chunk)
+            f, b = _losses(model, originals, routers, taps, chunk, cfg)
+            fidelity, balance = fidelity + float(f) * len(chunk), balance + float(b) * len(chunk)
             for name in routers:
                 loads[name] += np.bincount(taps.indices[name].reshape(-1).cpu().numpy(), minlength=len(loads[name]))
-    kl, balance = kl / len(ids), balance / len(ids)
+    fidelity, balance = fidelity / len(ids), balance / len(ids)
     return {  # "kl" is the fidelity term: the KL itself unless distill.model_data_ce > 0
-        "kl": kl,
+        "kl": fidelity,
         "balance": balance,
-        "objective": (1 - cfg.balance) * kl + cfg.balance * balance,
+        "objective": (1 - cfg.balance) * fidelity + cfg.balance * balance,
         "gini": float(np.mean([gini(load) for load in loads.values()])),
     }
 
@@ -197,15 +198,15 @@ def distill_in_model(
             for step in range(1, steps + 1):
                 start = (step - 1) * batch  # every sequence once, then again (a small corpus) in the same order
                 ids = train[torch.arange(start, start + batch) % len(train)].to(device)
-                kl, balance = _losses(model, originals, routers, taps, ids, cfg.sinkhorn_iterations, cfg.model_data_ce)
-                loss = (1 - cfg.balance) * kl + cfg.balance * balance
+                fidelity, balance = _losses(model, originals, routers, taps, ids, cfg)
+                loss = (1 - cfg.balance) * fidelity + cfg.balance * balance
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 schedule.step()
                 if every and step % every == 0 and step < steps:
                     calibrate()
-                note = f"KL {kl.item():.4f} balance {balance.item():.4f}"
+                note = f"KL {fidelity.item():.4f} balance {balance.item():.4f}"
                 if step % cfg.model_eval_every == 0 or step == steps:
                     current = {"step": step, **_evaluate(model, originals, routers, taps, val.to(device), cfg, batch)}
                     history.append(current)

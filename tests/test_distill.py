@@ -184,18 +184,19 @@ def test_distill_refuses_states_of_another_model(distilled, tmp_path, tiny_model
 
 
 def test_next_token_gap_is_the_cross_entropy_difference_on_the_next_tokens():
-    from pipeline.model_distill import next_token_gap
+    from pipeline.model_distill import next_token_gap, next_token_log_probs
 
     gen = torch.Generator().manual_seed(0)
     teacher, student = torch.randn(2, 5, 7, generator=gen), torch.randn(2, 5, 7, generator=gen)
     ids = torch.randint(0, 7, (2, 5), generator=gen)
+    log_teacher, log_student = next_token_log_probs(teacher), next_token_log_probs(student)
 
     def ce(logits: torch.Tensor) -> float:  # by hand: −log p(next token), averaged over the 2 × 4 predictions
         logp = torch.log_softmax(logits, -1)
         return float(-sum(logp[b, s, ids[b, s + 1]] for b in range(2) for s in range(4)) / 8)
 
-    assert float(next_token_gap(teacher, student, ids)) == pytest.approx(ce(student) - ce(teacher), abs=1e-5)
-    assert float(next_token_gap(teacher, teacher, ids)) == 0.0
+    assert float(next_token_gap(log_teacher, log_student, ids)) == pytest.approx(ce(student) - ce(teacher), abs=1e-5)
+    assert float(next_token_gap(log_teacher, log_teacher, ids)) == 0.0
 
 
 def test_model_data_ce_changes_the_fidelity_term(distilled, tiny_model):
