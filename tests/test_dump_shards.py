@@ -311,12 +311,31 @@ def _finish(procs: list[subprocess.Popen]) -> list[str]:
 
 def _watch(run: RunDir, procs: list[subprocess.Popen]) -> bool:
     """Poll the shard stores until the workers end; True when every shard had rows committed while
-    none was complete yet (the workers really wrote at the same time)."""
+    none was complete yet (the workers really wrote into the store at the same time).
+
+    On 2 cores one worker can load its model late and start writing after another finished, so a
+    worker caught mid-write is paused (SIGSTOP) until every worker has been caught mid-write, then
+    all go on: the overlap is then certain, not a matter of scheduling luck."""
     together = False
-    while any(proc.poll() is None for proc in procs):
-        states = shard_states(run)
-        together |= len(states) == len(procs) and all(s.rows > 0 and not s.complete for s in states)
-        time.sleep(0.1)
+    paused: set[int] = set()
+    try:
+        while any(proc.poll() is None for proc in procs):
+            states = {s.index: s for s in shard_states(run) if s.count == len(procs)}
+            for index, proc in enumerate(procs):
+                state = states.get(index)
+                if index not in paused and state is not None and state.rows > 0 and not state.complete:
+                    proc.send_signal(signal.SIGSTOP)
+                    paused.add(index)
+            if len(paused) == len(procs) and not together:
+                states = {s.index: s for s in shard_states(run) if s.count == len(procs)}
+                together = all(s.rows > 0 and not s.complete for s in states.values()) and len(states) == len(procs)
+                for proc in procs:
+                    proc.send_signal(signal.SIGCONT)
+            time.sleep(0.02)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
     return together
 
 
