@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.config import build_config, parse_yaml
+from pipeline.cli_runs import resolve_config
 from pipeline.heldout import heldout_sequences, measure
 from pipeline.models import load_model, resolve_model_path
 from pipeline.report import interval_text
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=None)
     args = parser.parse_args()
     run = RunDir(args.run_dir)
-    cfg = build_config(parse_yaml(run.read_config() or "", origin="config.yaml"))
+    cfg = resolve_config(run=run, config=None, sets=None)  # the run's config.yaml, as the CLI reads it
     model, tokenizer = load_model(cfg.model, resolve_model_path(cfg))
     held = heldout_sequences(cfg, tokenizer, args.sequences or cfg.validate.sequences)
     switcher = VariantSwitcher(model)
