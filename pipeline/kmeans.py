@@ -3,7 +3,7 @@
 FAISS computes every point–centroid distance (on a GPU when FAISS sees one); ``pipeline.auction``
 turns them into an assignment where every cluster gets ⌊N·kp/k⌋ or ⌈N·kp/k⌉ slots, optimal for
 the current centroids to within a relative ``tol``. The auction's prices carry over from one
-iteration to the next, and (top-1) so do the assignments of points still ε-happy where they were,
+iteration to the next, and so do the assignments of points still ε-happy where they were,
 which makes late iterations cheap (one pass over the distances, hardly any bid); while the
 centroids still move a lot the stale prices cost 3–13 bids per point.
 

@@ -139,16 +139,61 @@ def test_intermediate_steps_meet_their_stated_tolerance(seed):
         centroids = update_centroids(x, held, k)
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_final_step_is_optimal_after_warm_started_steps(seed):
+# (n, seed, kp): top-k cases where the warm-started final step was up to 1.9 % above the optimum
+# before phases were redone until every point is ε-happy (15 of 108 such cases then, 1 now)
+_WARM = [(97, 0, 1), (97, 1, 1), (97, 2, 1), (97, 0, 3), (97, 2, 3), (99, 0, 3), (98, 5, 2), (97, 1, 2)]
+_KNOWN_GAP = pytest.param(
+    97, 0, 2, marks=pytest.mark.xfail(strict=True, reason="0.05 % above the optimum: the one case left of 108")
+)
+
+
+@pytest.mark.parametrize(("n", "seed", "kp"), [*_WARM, _KNOWN_GAP])
+def test_final_step_is_optimal_after_warm_started_steps(n, seed, kp):
     """The last assignment of balanced_kmeans starts from the previous step's prices and assignment
     (points still ε-happy stay); it must still be optimal to within ``tol`` for the final centroids."""
-    x = _points(97, 3, seed)
-    result, stats = balanced_kmeans(x, 6, niter=5, seed=seed, tol=1e-6)
-    optimum = exact_top1_cost(_costs(x, result.centroids))
-    total = stats["inertia"][-1] * 97
+    x = _points(n, 3, seed)
+    result, stats = balanced_kmeans(x, 6, top_k=kp, niter=5, seed=seed, tol=1e-6)
+    cost = _costs(x, result.centroids)
+    optimum = exact_top1_cost(cost) if kp == 1 else exact_topk_cost(cost, kp)
+    total = stats["inertia"][-1] * n * kp
     assert optimum * (1 - 1e-5) - 1e-4 <= total <= optimum * (1 + 1e-5) + 1e-4
     assert result.sizes.max() - result.sizes.min() <= 1
+
+
+@pytest.mark.parametrize("kp", [1, 2, 3])
+def test_points_still_happy_where_they_were_stay(kp, monkeypatch):
+    """The same centroids again, at the ε the last assignment ended with: every point is still ε-happy
+    in its clusters, so every point keeps them in the opening round — what makes late Lloyd steps
+    cheap — and the assignment is as good (top-1: the same). Top-1: (nearly) nobody bids one at a time afterwards.
+    (Top-k: the few points that lose an extra slot can start a long price war at so small an ε.)"""
+    import pipeline.auction as auction_module
+
+    stayed: list[int] = []
+    stay_round = auction_module._stay_round
+
+    def counting(*args):
+        waiting, count = stay_round(*args)
+        stayed.append(count)
+        return waiting, count
+
+    monkeypatch.setattr(auction_module, "_stay_round", counting)
+    n, k = 600, 7
+    x = _points(n, 3, kp)
+    centroids = x[np.random.default_rng(kp).choice(n, k, replace=False)]
+    assigner = BalancedAssigner(x, k, top_k=kp, tol=1e-4)
+    first, first_costs, _ = assigner.step(centroids, final=True)
+    cold_bids = assigner.totals["bids"]
+    stayed.clear()
+    second, second_costs, _ = assigner.step(centroids, final=True)
+    warm_bids = assigner.totals["bids"] - cold_bids
+    assert abs(second_costs.sum() - first_costs.sum()) <= 1e-4 * first_costs.sum()  # both within tol
+    assert np.ptp(np.bincount(second.reshape(-1), minlength=k)) <= 1
+    if kp == 1:
+        np.testing.assert_array_equal(first, second)
+        assert cold_bids > 2 * n  # the cold start really bids (so the warm figure means something)
+        assert warm_bids <= n + 4 * k  # one opening bid per point; the extra slots and the dummies settle
+    else:
+        assert stayed[0] == n
 
 
 def test_kmeans_exact_balance_and_determinism():
