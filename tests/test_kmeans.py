@@ -169,14 +169,14 @@ def test_points_still_happy_where_they_were_stay(kp, monkeypatch):
     import pipeline.auction as auction_module
 
     stayed: list[int] = []
-    stay_round = auction_module._stay_round
+    stay_round = auction_module.stay_round
 
     def counting(*args):
         waiting, count = stay_round(*args)
         stayed.append(count)
         return waiting, count
 
-    monkeypatch.setattr(auction_module, "_stay_round", counting)
+    monkeypatch.setattr(auction_module, "stay_round", counting)
     n, k = 600, 7
     x = _points(n, 3, kp)
     centroids = x[np.random.default_rng(kp).choice(n, k, replace=False)]
