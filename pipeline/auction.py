@@ -30,12 +30,15 @@ opens with a round of the *stayers* only: points still ε-happy in all of their 
 for them at once, everyone else bids one at a time. With several hands a phase can end with a
 point not ε-happy (it lost the cluster it took first and kept hands that cluster now beats); such
 a phase is redone from its prices, the happy points staying (``unhappy``). Before this, warm-started
-top-k steps on tiny data ended up to 1.9 % above the optimum (15 of 108 cases; 1 of 108 now, 0.05 %).
+top-k steps on tiny data ended up to 1.9 % above the optimum (15 of 108 cases); the last one
+(0.05 %) was an extra slot bought far above its cluster's price (capped now, ``take_slot``): 0 of 108.
 Measured, same data and start, 20–25 Lloyd iterations: 50k × 128 rows, k 64, top-2: 17.8 → 4.5 s;
 50k × 64, k 128, top-8: 8.1 → 7.5 s (104 of its 130 phases were redone).
 
 The opening rounds live in ``pipeline.auction_rounds``, the slot, row and queue primitives in
-``pipeline.auction_slots``; this module runs the phases.
+``pipeline.auction_slots``; this module runs the phases. Numba's on-disk cache is keyed on each
+function's own file: after editing ``auction_slots.py`` or ``auction_rounds.py`` in a checkout,
+delete ``pipeline/__pycache__/*.nb?`` or the phases here keep the old primitives compiled in.
 """
 
 from __future__ import annotations
