@@ -43,6 +43,8 @@ delete ``pipeline/__pycache__/*.nb?`` or the phases here keep the old primitives
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from numba import njit
 
@@ -221,4 +223,11 @@ def auction(
             keep[:] = held
             if kp == 1 or not unhappy(costs, held, cluster_prices(hp, ep), float(eps), hurt):
                 break
+        else:
+            warnings.warn(
+                f"auction: a top-{kp} phase at ε={eps:.3g} still left points not ε-happy after "
+                f"{_MAX_REPEATS} redos; this assignment may be above the stated tolerance",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     return held, cluster_prices(hp, ep), bids

@@ -172,6 +172,22 @@ def test_clusters_with_an_extra_slot_are_the_dearest(n, seed, kp):
     assert result.prices[result.sizes > floor].min() >= result.prices[result.sizes == floor].max() - slack
 
 
+def test_a_phase_left_unhappy_is_not_silent(monkeypatch):
+    """A top-k phase is redone while points end not ε-happy; if the redos run out, the caller is told
+    (the result may then be above the stated tolerance). (98, 0, 2) needs one redo."""
+    import warnings
+
+    import pipeline.auction as auction_module
+
+    x = _points(98, 3, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        balanced_kmeans(x, 6, top_k=2, niter=5, seed=0, tol=1e-6)
+    monkeypatch.setattr(auction_module, "_MAX_REPEATS", 0)
+    with pytest.warns(RuntimeWarning, match="not ε-happy after 0 redos"):
+        balanced_kmeans(x, 6, top_k=2, niter=5, seed=0, tol=1e-6)
+
+
 @pytest.mark.parametrize("kp", [1, 2, 3])
 def test_points_still_happy_where_they_were_stay(kp, monkeypatch):
     """The same centroids again, at the ε the last assignment ended with: every point is still ε-happy
