@@ -136,12 +136,15 @@ def cluster(
 def distill(
     run_dir: Annotated[str, typer.Argument(help="Run directory with complete prototypes.")],
     balance: Annotated[float | None, typer.Option(help="0: imitate the teacher … 1: its balanced projection.")] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimiser steps per layer.")] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(help="Gate-level optimiser steps per layer (model level: --set distill.model_steps=N)."),
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Gate-level distillation of one LPR router per MoE layer → RUN_DIR/routers."""
+    """Distil one LPR router per MoE layer (gate level, then in the model), calibrate its bias → RUN_DIR/routers."""
     run = RunDir(run_dir)
     cfg = resolve_config(run=run, config=config, sets=set_, flags={"distill.balance": balance, "distill.steps": steps})
     _run_stages(["distill"], run=run, cfg=cfg, force=force)
