@@ -12,7 +12,7 @@ import hashlib
 import itertools
 import json
 import posixpath
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -274,24 +274,35 @@ def sample_sequences(
     cfg: CorpusConfig,
     tokenizer,
     *,
-    count: int,
+    counts: Sequence[int],
     minimum: int,
     seed: int,
     split: Literal["train", "heldout"] = "train",
-) -> np.ndarray:
-    """Up to ``count`` full sequences (n, seq_len) int64 drawn at random from one side of the split,
-    in random order; raises when the corpus has fewer than ``minimum``.
+) -> list[np.ndarray]:
+    """Disjoint draws of full sequences, one (n_g, seq_len) int64 array per entry of ``counts``
+    (up to that many each), at random from one side of the split, in random order; raises when the
+    corpus has fewer than ``minimum`` full sequences.
 
-    The pool is the first ``4 · count`` full sequences of that side (bounded work on a huge corpus),
-    so the draw spans many documents.
+    Draw g comes from the first 4 · (counts[0] + … + counts[g]) full sequences of that side (bounded
+    work on a huge corpus, and many documents per draw), less the earlier draws' picks: an earlier
+    draw does not depend on the later counts, so the calibration sequences stay the same whatever
+    the training budget drawn after them.
     """
     docs = split_documents(iter_documents(cfg), split=split, heldout_fraction=cfg.heldout_fraction)
     packed = iter_packed(docs, tokenizer=tokenizer, seq_len=cfg.seq_len, max_tokens=None)
-    pool = [s.ids for s in itertools.islice(packed, 4 * count) if len(s.ids) == cfg.seq_len]
+    pool = [s.ids for s in itertools.islice(packed, 4 * sum(counts)) if len(s.ids) == cfg.seq_len]
     if len(pool) < minimum:
         raise LprError(
             f"the corpus has {len(pool)} full {split} sequences of {cfg.seq_len} tokens, at least {minimum} are needed",
             "use a larger corpus, a shorter corpus.seq_len, or fewer distill.calibration_sequences / model_* sequences",
         )
-    picked = np.random.default_rng(seed).choice(len(pool), size=min(count, len(pool)), replace=False)
-    return np.stack([pool[i] for i in picked])
+    rng = np.random.default_rng(seed)
+    taken = np.zeros(len(pool), np.bool_)
+    draws, reach = [], 0
+    for count in counts:
+        reach += 4 * count
+        free = np.flatnonzero(~taken[:reach])
+        picked = free[rng.choice(free.size, size=min(count, free.size), replace=False)]
+        taken[picked] = True
+        draws.append(np.stack([pool[i] for i in picked]) if picked.size else np.zeros((0, cfg.seq_len), np.int64))
+    return draws

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from pipeline.config import CorpusConfig
-from pipeline.corpus import Document, describe_corpus, is_heldout, iter_documents, iter_packed, split_documents
+from pipeline.corpus import (
+    Document,
+    describe_corpus,
+    is_heldout,
+    iter_documents,
+    iter_packed,
+    sample_sequences,
+    split_documents,
+)
 from pipeline.errors import LprError
 from tests.conftest import build_tiny_tokenizer, make_texts
 
@@ -134,3 +142,22 @@ def test_demo_corpus_is_deterministic_and_mixed():
     big = {d.name for d in demo_documents(max_chars=2_000_000)}
     held = [d for d in big if is_heldout(d, 0.1)]
     assert len(held) >= 50
+
+
+def test_sampled_draws_are_disjoint_and_the_first_ignores_the_later_counts(tmp_path):
+    """The calibration sequences are drawn first: a larger training budget after them must not change
+    them (it did before session 9, and the bias baseline moved with distill.model_steps)."""
+    texts = make_texts(120, words_per_doc=60, seed=5)
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    cfg = CorpusConfig(source=str(tmp_path / "c.jsonl"), seq_len=16, heldout_fraction=0.1)
+    tokenizer = build_tiny_tokenizer(texts)
+    small = sample_sequences(cfg, tokenizer, counts=(12, 8), minimum=20, seed=7)
+    large = sample_sequences(cfg, tokenizer, counts=(12, 60), minimum=20, seed=7)
+    np.testing.assert_array_equal(small[0], large[0])
+    assert [len(d) for d in small] == [12, 8] and [len(d) for d in large] == [12, 60]
+    for draws in (small, large):
+        rows = {tuple(r) for d in draws for r in d}
+        assert len(rows) == sum(len(d) for d in draws)  # no sequence in two draws (nor twice in one)
+    assert sample_sequences(cfg, tokenizer, counts=(12, 0), minimum=12, seed=7)[1].shape == (0, 16)
+    with pytest.raises(LprError, match="at least 100000 are needed"):
+        sample_sequences(cfg, tokenizer, counts=(12, 8), minimum=100_000, seed=7)
