@@ -283,10 +283,11 @@ def sample_sequences(
     (up to that many each), at random from one side of the split, in random order; raises when the
     corpus has fewer than ``minimum`` full sequences.
 
-    Draw g comes from the first 4 · (counts[0] + … + counts[g]) full sequences of that side (bounded
-    work on a huge corpus, and many documents per draw), less the earlier draws' picks: an earlier
-    draw does not depend on the later counts, so the calibration sequences stay the same whatever
-    the training budget drawn after them.
+    The pool is the first 4 · sum(counts) full sequences of that side (bounded work on a huge
+    corpus; many documents per draw). Each pool sequence gets a seeded random key and the draws take
+    the pool in key order, so where the pool is the whole side (the demo; any corpus that small) an
+    earlier draw does not depend on the later counts: the calibration sequences stay the same
+    whatever training budget is drawn after them.
     """
     docs = split_documents(iter_documents(cfg), split=split, heldout_fraction=cfg.heldout_fraction)
     packed = iter_packed(docs, tokenizer=tokenizer, seq_len=cfg.seq_len, max_tokens=None)
@@ -296,13 +297,9 @@ def sample_sequences(
             f"the corpus has {len(pool)} full {split} sequences of {cfg.seq_len} tokens, at least {minimum} are needed",
             "use a larger corpus, a shorter corpus.seq_len, or fewer distill.calibration_sequences / model_* sequences",
         )
-    rng = np.random.default_rng(seed)
-    taken = np.zeros(len(pool), np.bool_)
-    draws, reach = [], 0
-    for count in counts:
-        reach += 4 * count
-        free = np.flatnonzero(~taken[:reach])
-        picked = free[rng.choice(free.size, size=min(count, free.size), replace=False)]
-        taken[picked] = True
-        draws.append(np.stack([pool[i] for i in picked]) if picked.size else np.zeros((0, cfg.seq_len), np.int64))
-    return draws
+    order = np.argsort(np.random.default_rng(seed).random(len(pool)), kind="stable")
+    ends = np.minimum(np.cumsum(counts), len(pool))
+    return [
+        np.stack([pool[i] for i in order[a:b]]) if b > a else np.zeros((0, cfg.seq_len), np.int64)
+        for a, b in zip(np.concatenate([[0], ends[:-1]]), ends, strict=True)
+    ]

@@ -147,17 +147,20 @@ def test_demo_corpus_is_deterministic_and_mixed():
 def test_sampled_draws_are_disjoint_and_the_first_ignores_the_later_counts(tmp_path):
     """The calibration sequences are drawn first: a larger training budget after them must not change
     them (it did before session 9, and the bias baseline moved with distill.model_steps)."""
-    texts = make_texts(120, words_per_doc=60, seed=5)
+    texts = make_texts(40, words_per_doc=30, seed=5)
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     cfg = CorpusConfig(source=str(tmp_path / "c.jsonl"), seq_len=16, heldout_fraction=0.1)
     tokenizer = build_tiny_tokenizer(texts)
-    small = sample_sequences(cfg, tokenizer, counts=(12, 8), minimum=20, seed=7)
-    large = sample_sequences(cfg, tokenizer, counts=(12, 60), minimum=20, seed=7)
+    docs = split_documents(iter_documents(cfg), split="train", heldout_fraction=0.1)
+    full = sum(len(s.ids) == 16 for s in iter_packed(docs, tokenizer=tokenizer, seq_len=16, max_tokens=None))
+    assert 240 <= full <= 4 * 70  # the pool is the whole train side for both budgets below
+    small = sample_sequences(cfg, tokenizer, counts=(40, 30), minimum=70, seed=7)
+    large = sample_sequences(cfg, tokenizer, counts=(40, 200), minimum=70, seed=7)
     np.testing.assert_array_equal(small[0], large[0])
-    assert [len(d) for d in small] == [12, 8] and [len(d) for d in large] == [12, 60]
+    assert [len(d) for d in small] == [40, 30] and [len(d) for d in large] == [40, 200]
     for draws in (small, large):
         rows = {tuple(r) for d in draws for r in d}
         assert len(rows) == sum(len(d) for d in draws)  # no sequence in two draws (nor twice in one)
-    assert sample_sequences(cfg, tokenizer, counts=(12, 0), minimum=12, seed=7)[1].shape == (0, 16)
+    assert sample_sequences(cfg, tokenizer, counts=(40, 0), minimum=40, seed=7)[1].shape == (0, 16)
     with pytest.raises(LprError, match="at least 100000 are needed"):
-        sample_sequences(cfg, tokenizer, counts=(12, 8), minimum=100_000, seed=7)
+        sample_sequences(cfg, tokenizer, counts=(40, 30), minimum=100_000, seed=7)
