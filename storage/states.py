@@ -110,6 +110,21 @@ def lower_zarr_io_priority() -> None:
     loop.set_default_executor(ThreadPoolExecutor(initializer=lower_thread_priority, thread_name_prefix="zarr-write"))
 
 
+async def _settle_other_tasks(timeout: float = 60.0) -> None:
+    """Wait (up to ``timeout`` s) until every other task on zarr's event loop is done.
+
+    When one chunk write fails (a full disk), the gathers — ours and zarr's own — raise at once and
+    leave the rest of the batch's writes running; still pending when the process exits, each was
+    reported by asyncio under the one-line error ("Task was destroyed but it is pending!", seen once
+    in CI). Settled here, they end (or fail, their errors retrieved by the gathers) before the error
+    travels on.
+    """
+    current = asyncio.current_task()
+    others = [task for task in asyncio.all_tasks() if task is not current and not task.done()]
+    if others:
+        await asyncio.wait(others, timeout=timeout)
+
+
 def to_torch(array: np.ndarray, logical_dtype: str) -> torch.Tensor:
     """Rows read from ``x`` as a tensor of their logical dtype (bfloat16 is stored as its uint16 bits)."""
     tensor = torch.from_numpy(np.ascontiguousarray(array))
@@ -253,7 +268,11 @@ class StatesWriter:
                 await target.resize((capacity, *target.shape[1:]))  # in place
             await target.setitem(slice(start, stop), values[key].astype(array.dtype, copy=False))
 
-        await asyncio.gather(*(write(key, array) for key, array in self._arrays.items()))
+        try:
+            await asyncio.gather(*(write(key, array) for key, array in self._arrays.items()))
+        except BaseException:
+            await _settle_other_tasks()
+            raise
 
     def adopt_rows(self, rows: int, n_seqs: int, place_chunks: Callable[[], None]) -> None:
         """Commit ``rows`` rows whose chunk files ``place_chunks`` puts in place (a merge that links

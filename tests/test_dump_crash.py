@@ -77,3 +77,48 @@ def test_killed_dump_resumes_to_the_same_store(tmp_path, tiny_model, tiny_corpus
     _assert_equal_stores(reference / "states.zarr", crashed / "states.zarr")
     manifest = json.loads((crashed / "manifests" / "dump.json").read_text())
     assert 0 < manifest["stats"]["resumed_from_row"] < total
+
+
+def test_a_failed_append_leaves_no_write_in_flight(tmp_path, monkeypatch):
+    """One array's write fails while the batch's other writes are still running (a full disk): the
+    append raises only once they have all ended, so nothing is left pending on zarr's event loop for
+    asyncio to report under the one-line error at exit ("Task was destroyed but it is pending!")."""
+    import asyncio
+    import errno
+
+    import torch
+    import zarr.core.array
+    from zarr.core.sync import sync
+
+    from storage.states import StatesWriter, StoreLayout
+
+    layout = StoreLayout(["gate"], [0], 8, 4, 2, "float32", 256, "none")
+    writer = StatesWriter.create(str(tmp_path / "s.zarr"), layout=layout, attrs={}, fingerprint="f")
+    original = zarr.core.array.AsyncArray.setitem
+    finished: list[str] = []
+
+    async def setitem(self, selection, value, **kw):
+        if str(self.store_path).endswith("/x"):
+            raise OSError(errno.EFBIG, "File too large")
+        await asyncio.sleep(0.3)
+        await original(self, selection, value, **kw)
+        finished.append(str(self.store_path))
+
+    monkeypatch.setattr(zarr.core.array.AsyncArray, "setitem", setitem)
+    n = 16
+    shared = {"token_id": np.arange(n), "doc_id": np.zeros(n, np.int64), "position": np.arange(n)}
+    layer = {
+        "x": torch.zeros(n, 8),
+        "logits": torch.zeros(n, 4),
+        "topk_idx": torch.zeros(n, 2, dtype=torch.int64),
+        "topk_w": torch.zeros(n, 2),
+    }
+    with pytest.raises(OSError, match="File too large"):
+        writer.append(shared, [layer], 1)
+
+    async def in_flight() -> int:
+        return sum(not t.done() for t in asyncio.all_tasks() if t is not asyncio.current_task())
+
+    assert sync(in_flight()) == 0
+    assert len(finished) == len(writer._arrays) - 1  # every other array's write ran to its end
+    assert writer.committed_rows == 0  # and the failed batch is not committed
