@@ -179,6 +179,7 @@ def auction(
     prices: np.ndarray,
     eps_schedule: list[float],
     start: np.ndarray | None = None,
+    warn_unsettled: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """ε-scaled auction: an exactly balanced assignment within ``persons·ε_last`` of the optimum.
 
@@ -187,7 +188,8 @@ def auction(
     assignment, or None (points still ε-happy there keep their clusters). Each phase
     starts from an empty assignment and the cluster prices the last one ended with. Returns held
     (N, kp) int64, the final cluster prices (k,) float64 and the number of bids (a point's bids in
-    the opening round count as one).
+    the opening round count as one). A top-k phase still not ε-optimal after its redos warns
+    (RuntimeWarning) unless ``warn_unsettled`` is False (a caller that checks what it needs itself).
     """
     n, k = costs.shape
     cap, extra = divmod(n * kp, k)
@@ -224,10 +226,11 @@ def auction(
             if kp == 1 or not unhappy(costs, held, cluster_prices(hp, ep), float(eps), hurt):
                 break
         else:
-            warnings.warn(
-                f"auction: a top-{kp} phase at ε={eps:.3g} still left points not ε-happy after "
-                f"{_MAX_REPEATS} redos; this assignment may be above the stated tolerance",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            if warn_unsettled:
+                warnings.warn(
+                    f"auction: a top-{kp} phase at ε={eps:.3g} still left points not ε-happy after "
+                    f"{_MAX_REPEATS} redos; this assignment may be above the stated tolerance",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
     return held, cluster_prices(hp, ep), bids
