@@ -179,7 +179,6 @@ def auction(
     prices: np.ndarray,
     eps_schedule: list[float],
     start: np.ndarray | None = None,
-    warn_unsettled: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """ε-scaled auction: an exactly balanced assignment within ``persons·ε_last`` of the optimum.
 
@@ -189,7 +188,7 @@ def auction(
     starts from an empty assignment and the cluster prices the last one ended with. Returns held
     (N, kp) int64, the final cluster prices (k,) float64 and the number of bids (a point's bids in
     the opening round count as one). A top-k phase still not ε-optimal after its redos warns
-    (RuntimeWarning) unless ``warn_unsettled`` is False (a caller that checks what it needs itself).
+    (RuntimeWarning).
     """
     n, k = costs.shape
     cap, extra = divmod(n * kp, k)
@@ -226,11 +225,10 @@ def auction(
             if kp == 1 or not unhappy(costs, held, cluster_prices(hp, ep), float(eps), hurt):
                 break
         else:
-            if warn_unsettled:
-                warnings.warn(
-                    f"auction: a top-{kp} phase at ε={eps:.3g} still left points not ε-happy after "
-                    f"{_MAX_REPEATS} redos; this assignment may be above the stated tolerance",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+            warnings.warn(
+                f"auction: a top-{kp} phase at ε={eps:.3g} still left points not ε-happy after "
+                f"{_MAX_REPEATS} redos; this assignment may be above the stated tolerance",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     return held, cluster_prices(hp, ep), bids

@@ -78,10 +78,7 @@ def calibrate_bias(router: LatentPrototypeRouter, z: torch.Tensor) -> dict[str, 
     k = router.spec.top_k
     scale = float(np.abs(scores).mean()) or 1.0
     schedule = [scale * 0.1 / 5**t for t in range(6)] + [scale * 1e-6]
-    # The bias is judged by the slot balance refine_bias measures (and corrects), not by the auction's
-    # ε-optimality: its top-k phases at ε ≈ 1e-6 · scale can run out of redos here (seen in 13 phases
-    # over the tiny families of the tests, 1–2 per demo run) with the slots still balanced.
-    _, prices, _ = auction(-scores, kp=k, prices=np.zeros(scores.shape[1]), eps_schedule=schedule, warn_unsettled=False)
+    _, prices, _ = auction(-scores, kp=k, prices=np.zeros(scores.shape[1]), eps_schedule=schedule)
     with torch.no_grad():
         router.bias.copy_(torch.from_numpy(-(prices - prices.mean())).float())
         slots = refine_bias(router, router.latent_scores(z), step=scale * 0.1)
