@@ -108,8 +108,7 @@ def _auction_phase(costs, kp, n_dummies, eps, hp, ho, ep, eo, held, n_held, wait
         bids += 1
         prefetch_next(flat, queue, head, tail, n, k)
         if person >= n:  # a dummy: only extra slots
-            j, old = dummy_bid(person, eps, ep, eo)
-            price[j] = min(hp[j, 0], ep[j])
+            j, old = dummy_bid(person, eps, hp, ep, eo, price)
             tail = _evict(old, j, n, held, n_held, queue, in_queue, tail)
             continue
         i = person
@@ -121,8 +120,7 @@ def _auction_phase(costs, kp, n_dummies, eps, hp, ho, ep, eo, held, n_held, wait
         for s in range(min(want, got)):
             j = top_j[s]
             margin = top_w[s] - w_next if w_next > -INF else 0.0
-            old = take_slot(j, i, margin, eps, hp, ho, ep, eo)
-            price[j] = min(hp[j, 0], ep[j])
+            old = take_slot(j, i, margin, eps, hp, ho, ep, eo, price)
             for h in range(kp):
                 if held[i, h] < 0:
                     held[i, h] = j
@@ -158,12 +156,11 @@ def _auction_phase_top1(costs, n_dummies, eps, hp, ho, ep, eo, held, waiting):  
         bids += 1
         prefetch_next(flat, queue, head, tail, n, k)
         if person >= n:  # a dummy: only extra slots
-            j, old = dummy_bid(person, eps, ep, eo)
+            j, old = dummy_bid(person, eps, hp, ep, eo, price)
         else:
             j, w1, w2 = best_two(costs[person], price, value)
-            old = take_slot(j, person, w1 - w2 if w2 > -INF else 0.0, eps, hp, ho, ep, eo)
+            old = take_slot(j, person, w1 - w2 if w2 > -INF else 0.0, eps, hp, ho, ep, eo, price)
             held[person, 0] = j
-        price[j] = min(hp[j, 0], ep[j])
         if old >= 0:
             if old < n:
                 held[old, 0] = -1

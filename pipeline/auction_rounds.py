@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from pipeline.auction_slots import INF, best_two, cluster_prices, settle_bids
+from pipeline.auction_slots import INF, best_outside, best_two, cluster_prices, settle_bids
 
 
 @njit(cache=True, parallel=True)
@@ -77,16 +77,10 @@ def stay_round(costs, eps, hp, ho, ep, held, n_held, stay):  # pragma: no cover 
     for i in range(n):
         if stay[i, 0] < 0:
             continue
-        for h in range(kp):
-            mark[stay[i, h]] = True
-        w_out = -INF
-        for j in range(k):
-            if not mark[j]:
-                w_out = max(w_out, -costs[i, j] - price[j])
+        w_out = best_outside(costs[i], stay[i], price, mark)
         happy = True
         for h in range(kp):
             j = stay[i, h]
-            mark[j] = False
             w = -costs[i, j] - price[j]
             happy = happy and w >= w_out - eps
             bid[i, h] = price[j] + (w - w_out) + eps
@@ -104,21 +98,12 @@ def unhappy(costs, held, price, eps, hurt):  # pragma: no cover - compiled
     then the phase is not ε-optimal. Measured: in 104 of 130 phases of a top-8 clustering (50k
     rows, k 128; session 8, when this check did not yet allow for rounding, so some of those were
     rounding alone), and up to 1.9 % above the optimum on tiny data before phases were redone."""
-    k = costs.shape[1]
-    kp = held.shape[1]
-    mark = np.zeros(k, np.bool_)
+    mark = np.zeros(costs.shape[1], np.bool_)
     for i in np.flatnonzero(hurt):
         worst = INF
-        for h in range(kp):
-            j = held[i, h]
-            mark[j] = True
+        for j in held[i]:
             worst = min(worst, -costs[i, j] - price[j])
-        best = -INF
-        for j in range(k):
-            if not mark[j]:
-                best = max(best, -costs[i, j] - price[j])
-        for h in range(kp):
-            mark[held[i, h]] = False
+        best = best_outside(costs[i], held[i], price, mark)
         # ε-happy up to rounding: a bid makes its point exactly ε-happy, and price + margin + ε can land
         # 1e-17 below (seen: a calibration's phases redone 50 times for that alone)
         if worst < best - eps * (1 + 1e-9) - 1e-12 * (abs(best) + abs(worst)):

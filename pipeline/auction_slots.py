@@ -91,9 +91,10 @@ def sift_down(price, owner, j, size, pos=0):  # pragma: no cover - compiled
 
 
 @njit(cache=True)
-def take_slot(j, person, margin, eps, hp, ho, ep, eo):  # pragma: no cover - compiled
-    """``person`` takes cluster j's cheapest slot, raising its price by its margin plus ε. Returns
-    the slot's previous owner (−1: none).
+def take_slot(j, person, margin, eps, hp, ho, ep, eo, price):  # pragma: no cover - compiled
+    """``person`` takes cluster j's cheapest slot, raising its price by its margin plus ε, and sets
+    ``price[j]`` (the caller's (k,) cluster prices) to the cluster's new cheapest slot. Returns the
+    slot's previous owner (−1: none).
 
     Taking the extra slot, a bid pays at most the cluster's cheapest ordinary slot plus ε (the next
     slot of the same cluster, as in a textbook auction, where the second-best object may be another
@@ -110,13 +111,14 @@ def take_slot(j, person, margin, eps, hp, ho, ep, eo):  # pragma: no cover - com
         hp[j, 0] = hp[j, 0] + margin + eps
         ho[j, 0] = person
         sift_down(hp, ho, j, hp.shape[1])
+    price[j] = min(hp[j, 0], ep[j])
     return old
 
 
 @njit(cache=True)
-def dummy_bid(person, eps, ep, eo):  # pragma: no cover - compiled
+def dummy_bid(person, eps, hp, ep, eo, price):  # pragma: no cover - compiled
     """A dummy takes the cheapest extra slot (all are worth 0 to it), paying its margin over the
-    second cheapest plus ε. Returns (the cluster, the slot's previous owner)."""
+    second cheapest plus ε; ``price`` as in ``take_slot``. Returns (the cluster, the slot's previous owner)."""
     j1, w1, w2 = -1, -INF, -INF
     for j in range(ep.shape[0]):
         w = -ep[j]
@@ -127,6 +129,7 @@ def dummy_bid(person, eps, ep, eo):  # pragma: no cover - compiled
     old = eo[j1]
     ep[j1] = ep[j1] + (w1 - w2 if w2 > -INF else 0.0) + eps
     eo[j1] = person
+    price[j1] = min(hp[j1, 0], ep[j1])
     return j1, old
 
 
@@ -160,6 +163,23 @@ def settle_bids(cluster, bid, point, hp, ho, held, n_held):  # pragma: no cover 
             n_held[i] += 1
         for pos in range(cap // 2 - 1, -1, -1):
             sift_down(hp, ho, j, cap, pos)
+
+
+@njit(cache=True)
+def best_outside(row, held_row, price, mark):  # pragma: no cover - compiled
+    """The best net value ``−cost − price`` of any cluster not in ``held_row`` (−inf if none).
+
+    row: (k,) float32 costs of the point, held_row: (kp,) int64 its clusters (all held), mark: (k,)
+    bool scratch, all False (and left so)."""
+    for h in range(held_row.shape[0]):
+        mark[held_row[h]] = True
+    best = -INF
+    for j in range(row.shape[0]):
+        if not mark[j]:
+            best = max(best, -row[j] - price[j])
+    for h in range(held_row.shape[0]):
+        mark[held_row[h]] = False
+    return best
 
 
 @njit(cache=True)

@@ -297,9 +297,7 @@ def sample_sequences(
             f"the corpus has {len(pool)} full {split} sequences of {cfg.seq_len} tokens, at least {minimum} are needed",
             "use a larger corpus, a shorter corpus.seq_len, or fewer distill.calibration_sequences / model_* sequences",
         )
-    order = np.argsort(np.random.default_rng(seed).random(len(pool)), kind="stable")
-    ends = np.minimum(np.cumsum(counts), len(pool))
-    return [
-        np.stack([pool[i] for i in order[a:b]]) if b > a else np.zeros((0, cfg.seq_len), np.int64)
-        for a, b in zip(np.concatenate([[0], ends[:-1]]), ends, strict=True)
-    ]
+    rows = np.asarray(pool, np.int64).reshape(-1, cfg.seq_len)
+    order = np.argsort(np.random.default_rng(seed).random(len(rows)), kind="stable")
+    bounds = np.minimum(np.cumsum([0, *counts]), len(rows))
+    return [rows[order[start:stop]] for start, stop in itertools.pairwise(bounds)]
