@@ -110,19 +110,24 @@ def lower_zarr_io_priority() -> None:
     loop.set_default_executor(ThreadPoolExecutor(initializer=lower_thread_priority, thread_name_prefix="zarr-write"))
 
 
-async def _settle_other_tasks(timeout: float = 60.0) -> None:
-    """Wait (up to ``timeout`` s) until every other task on zarr's event loop is done.
+async def _gather_settled(*awaitables: Any, timeout: float = 60.0) -> list[Any]:
+    """``asyncio.gather`` on zarr's event loop that, when one awaitable fails, first waits (up to
+    ``timeout`` s) until every other task on the loop is done, then raises.
 
-    When one chunk write fails (a full disk), the gathers — ours and zarr's own — raise at once and
-    leave the rest of the batch's writes running; still pending when the process exits, each was
+    When one chunk write fails (a full disk), the gathers — this one and zarr's own — raise at once
+    and leave the rest of the batch's I/O running; still pending when the process exits, each was
     reported by asyncio under the one-line error ("Task was destroyed but it is pending!", seen once
     in CI). Settled here, they end (or fail, their errors retrieved by the gathers) before the error
     travels on.
     """
-    current = asyncio.current_task()
-    others = [task for task in asyncio.all_tasks() if task is not current and not task.done()]
-    if others:
-        await asyncio.wait(others, timeout=timeout)
+    try:
+        return await asyncio.gather(*awaitables)
+    except BaseException:
+        current = asyncio.current_task()
+        others = [task for task in asyncio.all_tasks() if task is not current and not task.done()]
+        if others:
+            await asyncio.wait(others, timeout=timeout)
+        raise
 
 
 def to_torch(array: np.ndarray, logical_dtype: str) -> torch.Tensor:
@@ -268,11 +273,7 @@ class StatesWriter:
                 await target.resize((capacity, *target.shape[1:]))  # in place
             await target.setitem(slice(start, stop), values[key].astype(array.dtype, copy=False))
 
-        try:
-            await asyncio.gather(*(write(key, array) for key, array in self._arrays.items()))
-        except BaseException:
-            await _settle_other_tasks()
-            raise
+        await _gather_settled(*(write(key, array) for key, array in self._arrays.items()))
 
     def adopt_rows(self, rows: int, n_seqs: int, place_chunks: Callable[[], None]) -> None:
         """Commit ``rows`` rows whose chunk files ``place_chunks`` puts in place (a merge that links
@@ -366,7 +367,7 @@ class StatesReader:
         arrays = [self.group[key]._async_array for key in keys]  # opened here: not on zarr's loop
 
         async def read_all() -> list[Any]:
-            return await asyncio.gather(*(array.getitem(slice(start, stop)) for array in arrays))
+            return await _gather_settled(*(array.getitem(slice(start, stop)) for array in arrays))
 
         try:
             return dict(zip(keys, sync(read_all()), strict=True))
