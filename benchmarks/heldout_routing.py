@@ -41,7 +41,7 @@ def main() -> None:
         switcher.apply(name, cfg, run)
         results[name] = measure(model, held, cfg=cfg, teachers=switcher.originals)
     base = results["original"]["cross_entropy"]
-    header = f"{'variant':<15} {'CE':>7} {'ΔCE':>8} {'slot Gini':>10} {'90 % docs':>13}"
+    header = f"{'variant':<15} {'CE':>7} {'ΔCE':>8} {'slot Gini':>10} {'90 % docs':>13} {'floor':>6}"
     print(f"{header} {'min/max':>8} {'soft Gini':>10} {'agree':>6}")
     summary = {}
     for name, r in results.items():
@@ -50,13 +50,15 @@ def main() -> None:
             "cross_entropy": round(r["cross_entropy"], 5),
             "gini": round(mean["slot"]["gini"], 5),
             "gini_documents_90": [round(v, 5) for v in mean["slot"]["document_interval"]["gini"]],
+            "gini_floor": round(mean["slot"]["document_interval"]["noise_gini"], 5),
             "min_max": round(mean["slot"]["min_max"], 5),
             "soft_gini": round(mean["soft"]["gini"], 5),
             "topk_agreement": round(mean["topk_agreement"], 5),
         }
         delta = (r["cross_entropy"] / base - 1) * 100
         interval = interval_text(mean["slot"]["document_interval"]["gini"])
-        figures = f"{mean['slot']['gini']:10.4f} {interval:>13} {mean['slot']['min_max']:8.3f}"
+        floor = mean["slot"]["document_interval"]["noise_gini"]
+        figures = f"{mean['slot']['gini']:10.4f} {interval:>13} {floor:6.3f} {mean['slot']['min_max']:8.3f}"
         figures += f" {mean['soft']['gini']:10.4f}"
         print(f"{name:<15} {r['cross_entropy']:7.4f} {delta:+7.2f}% {figures} {mean['topk_agreement']:6.3f}")
     print(json.dumps({"tokens": int(held.ids.numel()), **summary}))

@@ -89,11 +89,13 @@ def print_report(run: RunDir) -> None:
     rows = report["summary"]
     table = Table(title="validation (held-out, means over layers)", box=box.SIMPLE_HEAD)
     tasks = [key for key in rows[0] if key.startswith("task:")]
-    columns = ["variant", "Gini", "90 % docs", "min/max", "CV", "CE", "Δ CE", "ppl", "agree"]
+    columns = ["variant", "Gini", "90 % docs", "floor", "min/max", "CV", "CE", "Δ CE", "ppl", "agree"]
     for column in columns + [f"{t.removeprefix('task:')} acc" for t in tasks]:
         table.add_column(column, justify="right", no_wrap=True)
     for row in rows:
+        floor = row.get("gini_floor")
         cells = [row["variant"], f"{row['gini']:.3f}", interval_text(row.get("gini_documents"))]
+        cells += ["—" if floor is None else f"{floor:.3f}"]
         cells += [f"{row['min_max']:.2f}", f"{row['cv']:.3f}"]
         cells += [f"{row['cross_entropy']:.4f}", f"{row['delta_ce_pct']:+.2f} %", f"{row['perplexity']:.1f}"]
         cells += [f"{row['topk_agreement']:.1%}"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 
@@ -150,23 +152,37 @@ def average_layers(layers: list[dict]) -> dict:
 
 def document_interval(
     doc_slots: list[np.ndarray], *, draws: int = 1000, coverage: float = 0.9, seed: int = 0
-) -> dict[str, list[float]]:
+) -> dict[str, Any]:
     """How much the layer-mean slot Gini and min/max owe to *which* documents were held out.
 
     doc_slots: per layer, (D, E) top-k slots per expert from each of D documents. Resamples the
     documents with replacement ``draws`` times (seeded) and returns the central ``coverage``
     interval [low, high] of the layer-mean Gini and min/max over the draws: routing follows the
     document, so one unusual document can move the figures more than any router change does.
+
+    Also the *noise floor* (``noise_gini``, ``noise_min_max``): the mean figures over the same draws
+    of documents moved so that, pooled, every expert has the same share (each document keeps how
+    it differs from the others: its slots minus its total × (pooled share − 1/E)) — what a router
+    balanced over the whole population of such documents would still show on D of them. A Gini near
+    its floor says these documents cannot show the router's remaining imbalance; far above it, the
+    imbalance is systematic.
     """
     documents = doc_slots[0].shape[0]
     weights = np.random.default_rng(seed).multinomial(documents, np.full(documents, 1 / documents), size=draws)
-    ginis, ratios = np.zeros(draws), np.zeros(draws)
+    sums = {name: np.zeros(draws) for name in ("gini", "min_max", "noise_gini", "noise_min_max")}
     for slots in doc_slots:
-        loads = weights @ np.asarray(slots, np.float64)  # (draws, E)
-        ginis += [gini(load) for load in loads]
-        ratios += [min_max_ratio(load) for load in loads]
+        slots = np.asarray(slots, np.float64)
+        share = slots.sum(0) / max(slots.sum(), 1.0)
+        balanced = slots - slots.sum(1, keepdims=True) * (share - 1 / slots.shape[1])  # (D, E)
+        for prefix, rows in (("", slots), ("noise_", balanced)):
+            loads = np.clip(weights @ rows, 0, None)  # (draws, E)
+            sums[prefix + "gini"] += [gini(load) for load in loads]
+            sums[prefix + "min_max"] += [min_max_ratio(load) for load in loads]
     tail = 100 * (1 - coverage) / 2
+    means = {name: values / len(doc_slots) for name, values in sums.items()}
     return {
-        name: [float(v) for v in np.percentile(values / len(doc_slots), [tail, 100 - tail])]
-        for name, values in (("gini", ginis), ("min_max", ratios))
+        "gini": [float(v) for v in np.percentile(means["gini"], [tail, 100 - tail])],
+        "min_max": [float(v) for v in np.percentile(means["min_max"], [tail, 100 - tail])],
+        "noise_gini": float(means["noise_gini"].mean()),
+        "noise_min_max": float(means["noise_min_max"].mean()),
     }

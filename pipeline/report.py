@@ -141,6 +141,7 @@ def summary_rows(variants: dict[str, dict]) -> list[dict[str, Any]]:
             "variant": name,
             "gini": mean["slot"]["gini"],
             "gini_documents": mean["slot"].get("document_interval", {}).get("gini"),
+            "gini_floor": mean["slot"].get("document_interval", {}).get("noise_gini"),
             "min_max": mean["slot"]["min_max"],
             "cv": mean["slot"]["cv"],
             "soft_gini": mean["soft"]["gini"],
@@ -176,6 +177,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         "variant": "variant",
         "gini": "Gini",
         "gini_documents": "Gini 90 % (docs)",
+        "gini_floor": "Gini floor (docs)",
         "min_max": "min/max",
         "cv": "CV",
         "soft_gini": "soft Gini",
@@ -234,7 +236,10 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "Columns: Gini, min/max and CV of top-k slots per expert; Gini 90 % (docs) = the central 90 % of that "
         "Gini over 1,000 resamplings of the held-out documents (how much the figure owes to which documents were "
-        "held out); soft Gini of routing-weight mass; overflow = share "
+        "held out); Gini floor (docs) = the Gini that a router balanced over the whole population of such "
+        "documents would still show on these (each document's own expert mix kept, the pool moved to even "
+        "shares; mean over the same resamplings): a Gini near its floor is as even as these documents can show; "
+        "soft Gini of routing-weight mass; overflow = share "
         "of slots over a capacity of 1.0× the mean load per batch; EP bal. = mean/max device load with the experts "
         "split evenly over 8 devices; top-k agreement with the original gate on the same router input.",
         "",

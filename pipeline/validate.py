@@ -91,7 +91,8 @@ def measure_variants(cfg: RunConfig, run: RunDir) -> tuple[dict[str, dict], list
                 max_length=min(getattr(model.config, "max_position_embeddings", 2048), 2048),
             )
         if name == "original+bias" and v.bias_strengths:
-            bias_curve = bias_strength_curve(cfg, model, held, built.routers, switcher.originals)
+            measured = {1.0: result} | ({0.0: results["original"]} if "original" in results else {})
+            bias_curve = bias_strength_curve(cfg, model, held, built.routers, switcher.originals, measured)
         result["seconds"] = round(time.time() - started, 2)
         results[name] = result
         tasks = "".join(f"; {t} acc {r.get('acc', float('nan')):.3f}" for t, r in result.get("tasks", {}).items())
@@ -110,14 +111,27 @@ def measure_variants(cfg: RunConfig, run: RunDir) -> tuple[dict[str, dict], list
     return results, bias_curve, heldout
 
 
-def bias_strength_curve(cfg: RunConfig, model: Any, held: HeldOut, routers: dict, teachers: dict) -> list[dict]:
-    """The bias baseline at ``validate.bias_strengths`` × its calibrated bias (the model holds ``routers``)."""
+def bias_strength_curve(
+    cfg: RunConfig,
+    model: Any,
+    held: HeldOut,
+    routers: dict,
+    teachers: dict,
+    measured: dict[float, dict] | None = None,
+) -> list[dict]:
+    """The bias baseline at ``validate.bias_strengths`` × its calibrated bias (the model holds ``routers``).
+
+    measured: held-out results already in hand by strength (0: the original gate, 1: the calibrated
+    bias itself), used instead of measuring the same routing again (one held-out pass each).
+    """
     calibrated = {name: router.bias.detach().clone() for name, router in routers.items()}
     curve = []
     for strength in cfg.validate.bias_strengths:
-        scale_bias(routers, calibrated, strength)
-        point = curve_point(f"{strength:g}", measure(model, held, cfg=cfg, teachers=teachers))
-        curve.append(point | {"strength": strength})
+        result = (measured or {}).get(strength)
+        if result is None:
+            scale_bias(routers, calibrated, strength)
+            result = measure(model, held, cfg=cfg, teachers=teachers)
+        curve.append(curve_point(f"{strength:g}", result) | {"strength": strength})
     scale_bias(routers, calibrated, 1.0)
     info(f"[bold]validate[/] original+bias over strengths {cfg.validate.bias_strengths}: done")
     return curve

@@ -141,3 +141,29 @@ def test_document_interval_is_wide_when_each_document_takes_one_expert():
     assert 0 < interval["gini"][0] < interval["gini"][1]
     assert interval["min_max"] == [0.0, 0.0]
     assert document_interval(doc_slots, draws=1000, seed=3) == interval  # seeded
+
+
+def test_noise_floor_is_zero_when_every_document_routes_alike():
+    """Documents with the same expert mix differ only in size: moved to a balanced pool they are all
+    even, so a balanced router would show no imbalance on them at all."""
+    shape = np.array([4, 2, 1, 1])
+    interval = document_interval([np.outer(np.arange(1, 9), shape)], draws=200)
+    assert interval["noise_gini"] == pytest.approx(0.0, abs=1e-12)
+    assert interval["noise_min_max"] == pytest.approx(1.0)
+
+
+def test_noise_floor_ignores_a_systematic_tilt():
+    """Tilting every document toward expert 0 by the same share raises the observed Gini but not the
+    floor: the floor measures how documents differ from one another, not the router's pooled bias."""
+    rng = np.random.default_rng(5)
+    tokens = rng.integers(50, 400, size=40)
+    doc_slots = np.stack([rng.multinomial(t, rng.dirichlet(np.ones(8))) for t in tokens]).astype(np.float64)
+    tilt = np.array([0.3] + [-0.3 / 7] * 7)
+    tilted = doc_slots + tokens[:, None] * tilt
+    plain, skewed = document_interval([doc_slots], seed=1), document_interval([tilted], seed=1)
+    assert skewed["noise_gini"] == pytest.approx(plain["noise_gini"])
+    assert skewed["noise_min_max"] == pytest.approx(plain["noise_min_max"])
+    assert gini(tilted.sum(0)) > gini(doc_slots.sum(0)) + 0.1
+    assert skewed["gini"][0] > skewed["noise_gini"] + 0.1  # the observed figure sits far above its floor
+    # the floor of these noisy documents is well above 0: 40 documents cannot show perfect balance
+    assert 0.02 < plain["noise_gini"] < 0.2
