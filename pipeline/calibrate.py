@@ -57,13 +57,14 @@ class _StopForward(Exception):
     """Raised by the capture hook once the layer being calibrated has seen its input."""
 
 
-def router_latents(model: nn.Module, router: LatentPrototypeRouter, ids: torch.Tensor, batch: int) -> torch.Tensor:
-    """Latents (n·S, d) float32 of the router's inputs over the sequences ids (n, S)."""
-    latents: list[torch.Tensor] = []
+def router_logits(model: nn.Module, router: LatentPrototypeRouter, ids: torch.Tensor, batch: int) -> torch.Tensor:
+    """Bias-free logits (n·S, E) float32 of the router on its inputs inside the model over the sequences
+    ids (n, S): n·S·E floats kept, not the n·S·H hidden states."""
+    logits: list[torch.Tensor] = []
 
     def capture(module: nn.Module, args: tuple) -> None:
         x = args[0].reshape(-1, router.hidden_dim).to(router.encoder.weight.dtype)
-        latents.append(router.encode(x)[0].float().cpu())
+        logits.append(router.scores(x).float().cpu())
         raise _StopForward
 
     handle = router.register_forward_pre_hook(capture)
@@ -75,7 +76,7 @@ def router_latents(model: nn.Module, router: LatentPrototypeRouter, ids: torch.T
                     model(ids[start : start + batch].to(device))
     finally:
         handle.remove()
-    return torch.cat(latents)
+    return torch.cat(logits)
 
 
 def calibrate_in_model(
@@ -88,7 +89,7 @@ def calibrate_in_model(
     results = {}
     with contextlib.nullcontext(None) if quiet else progress_bar("calibrate bias in the model", len(sites)) as bar:
         for site in sites:  # calibrate_bias zeroes the bias first; a router's own bias never changes its input
-            results[site.name] = calibrate_bias(site.module, router_latents(model, site.module, ids, batch))
+            results[site.name] = calibrate_bias(site.module, router_logits(model, site.module, ids, batch))
             if bar is not None:
                 bar.advance(1, note=site.name)
     return results

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from pipeline.config import RunConfig
 from pipeline.errors import LprError
-from pipeline.init_routers import calibrate_bias, encode_rows, initial_router
+from pipeline.init_routers import calibrate_bias, initial_router, row_logits
 from pipeline.metrics import expert_load, gini
 from pipeline.models import load_config, load_model, resolve_model_path
 from pipeline.progress import info, progress_bar
@@ -226,7 +226,7 @@ def distill_one(*, cfg: RunConfig, run: RunDir, reader: StatesReader, layer: str
         reader, layer, train, batch_rows=cfg.distill.batch_rows, buffer_rows=cfg.distill.buffer_rows, seed=seed
     )
     stats = distill_layer(router, batches, (val_x, val_t), cfg, layer)
-    balance = calibrate_bias(router, encode_rows(router, reader, layer, calibration))
+    balance = calibrate_bias(router, row_logits(router, reader, layer, calibration))
     after = validation_loss(router, val_x, val_t, cfg.distill.balance)
     summary = {
         "best_step": stats["best"]["step"],

@@ -12,7 +12,7 @@ from pipeline import __version__
 from pipeline.config import RunConfig
 from pipeline.errors import LprError
 from pipeline.families import family_of
-from pipeline.init_routers import calibrate_bias, encode_rows, initial_router
+from pipeline.init_routers import calibrate_bias, initial_router, row_logits
 from pipeline.models import find_routers, load_config, resolve_model_path
 from pipeline.progress import info
 from pipeline.replace import install_routers
@@ -46,7 +46,7 @@ def build_init_routers(cfg: RunConfig, run: RunDir) -> tuple[dict[str, LatentPro
     routers, metrics = {}, {}
     for layer in reader.layers:
         init = initial_router(cfg=cfg, run=run, reader=reader, layer=layer, model_config=model_config)
-        balance = calibrate_bias(init.router, encode_rows(init.router, reader, layer, init.calibration))
+        balance = calibrate_bias(init.router, row_logits(init.router, reader, layer, init.calibration))
         metrics[layer] = {"temperature": init.temperature, **balance}
         routers[init.meta["module"]] = init.router
     return routers, metrics

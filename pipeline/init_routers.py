@@ -52,6 +52,14 @@ def encode_rows(
         return torch.cat([router.encode(reader.read_x(layer, a, b).float())[0] for a, b in ranges])
 
 
+def row_logits(
+    router: LatentPrototypeRouter, reader: StatesReader, layer: str, ranges: list[tuple[int, int]]
+) -> torch.Tensor:
+    """Router logits (n, E) of the rows in ``ranges``, read one chunk at a time (memory ∝ n·E)."""
+    with torch.no_grad():
+        return torch.cat([router.scores(reader.read_x(layer, a, b).float()) for a, b in ranges])
+
+
 def calibrate_temperature(router: LatentPrototypeRouter, z: torch.Tensor, target_top1: float) -> float:
     """Bisection on log-temperature so that the mean top-1 routing weight matches the teacher's."""
     if router.spec.similarity in ("dot", "mahalanobis"):
@@ -70,19 +78,21 @@ def calibrate_temperature(router: LatentPrototypeRouter, z: torch.Tensor, target
     return math.exp(router.log_temperature.item())
 
 
-def calibrate_bias(router: LatentPrototypeRouter, z: torch.Tensor) -> dict[str, Any]:
-    """Set the choice bias so that the top-k slots of the latents z (n, d) are balanced (up to near-ties)."""
+def calibrate_bias(router: LatentPrototypeRouter, logits: torch.Tensor) -> dict[str, Any]:
+    """Set the choice bias so that the top-k slots of the router logits (n, E) are balanced (up to
+    near-ties). The logits (``router.scores``, bias-free) rather than the latents or inputs: n·E floats,
+    not n·d or n·H (the bias baseline's identity routers have d = H, the model's hidden size)."""
     with torch.no_grad():
         router.bias.zero_()
-        scores = router.choice_scores(router.latent_scores(z)).numpy()  # what the family ranks experts by
+        scores = router.choice_scores(logits).numpy()  # what the family ranks experts by
     k = router.spec.top_k
     scale = float(np.abs(scores).mean()) or 1.0
     schedule = [scale * 0.1 / 5**t for t in range(6)] + [scale * 1e-6]
     _, prices, _ = auction(-scores, kp=k, prices=np.zeros(scores.shape[1]), eps_schedule=schedule)
     with torch.no_grad():
         router.bias.copy_(torch.from_numpy(-(prices - prices.mean())).float())
-        slots = refine_bias(router, router.latent_scores(z), step=scale * 0.1)
-    return {"calibration_rows": int(z.shape[0]), "slots_min": int(slots.min()), "slots_max": int(slots.max())}
+        slots = refine_bias(router, logits, step=scale * 0.1)
+    return {"calibration_rows": int(logits.shape[0]), "slots_min": int(slots.min()), "slots_max": int(slots.max())}
 
 
 def refine_bias(router: LatentPrototypeRouter, logits: torch.Tensor, *, step: float, rounds: int = 60) -> np.ndarray:

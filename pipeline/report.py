@@ -209,8 +209,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"# Validation report — {report['run']}",
         "",
         f"Model `{report['model']}`; {held['sequences']} held-out sequences ({held['tokens']:,} tokens) from "
-        f"documents never dumped, clustered, distilled or calibrated on. Figures are means over "
-        f"{report['layers']} MoE layers (per-layer figures in report.json).",
+        f"{held.get('documents', 'the')} documents never dumped, clustered, distilled or calibrated on. "
+        f"Figures are means over {report['layers']} MoE layers (per-layer figures in report.json).",
         "",
         markdown_table(report["summary"]),
         "",

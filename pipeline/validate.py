@@ -13,6 +13,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
+
 from pipeline.config import RunConfig
 from pipeline.downstream import evaluate_tasks, require_lm_eval
 from pipeline.errors import LprError
@@ -105,6 +107,7 @@ def measure_variants(cfg: RunConfig, run: RunDir) -> tuple[dict[str, dict], list
     heldout = {
         "sequences": len(held.ids),
         "tokens": int(held.ids.numel()),
+        "documents": int(np.unique(held.documents).size),
         "seq_len": cfg.corpus.seq_len,
         "heldout_fraction": cfg.corpus.heldout_fraction,
     }

@@ -69,6 +69,7 @@ def test_demo_command_dumps_every_layer(tmp_path, monkeypatch, capsys):
         "dump.max_tokens=2000",
         "corpus.seq_len=64",
         "corpus.demo_max_chars=150000",
+        "distill.calibration_sequences=256",
         "dump.batch_tokens=512",
     ]
     argv = ["lpr-distill", "demo", "--run-dir", str(tmp_path / "run")]

@@ -100,7 +100,7 @@ def test_sequence_balance_loss_is_zero_only_for_balanced_sequences():
 
 
 def test_model_level_trains_routers_only_and_calibrates_in_the_model(distilled, tiny_model):
-    from pipeline.calibrate import router_latents
+    from pipeline.calibrate import router_logits
     from pipeline.config import DistillConfig
     from pipeline.model_distill import distill_in_model
     from pipeline.models import load_model
@@ -131,8 +131,8 @@ def test_model_level_trains_routers_only_and_calibrates_in_the_model(distilled, 
     assert not any(isinstance(site.module, type(next(iter(routers.values())))) for site in find_routers(model))
     install_routers(model, routers)
     for site in find_routers(model):
-        z = router_latents(model, site.module, ids, batch=4)
-        assert z.shape == (10 * 16, site.module.spec.latent_dim)
+        logits = router_logits(model, site.module, ids, batch=4)
+        assert logits.shape == (10 * 16, site.module.spec.num_experts)
 
 
 def test_model_level_trains_under_the_calibrated_bias(distilled, tiny_model):
