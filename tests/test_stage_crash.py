@@ -45,7 +45,14 @@ def dumped(tmp_path_factory, tiny_corpus):
     data = tiny_run_config(model, tiny_corpus) | {
         "cluster": {"latent_dim": 8, "iterations": 40},
         "router": {"calibration_rows": 1024},
-        "distill": {"steps": 150, "batch_rows": 256, "buffer_rows": 1024, "eval_every": 25, "val_rows": 512},
+        "distill": {
+            "steps": 150,
+            "batch_rows": 256,
+            "buffer_rows": 1024,
+            "eval_every": 25,
+            "val_rows": 512,
+            "calibration_sequences": 256,  # the tiny corpus has 725 sequences
+        },
     }
     config = root / "run.yaml"
     config.write_text(yaml.safe_dump(data))
