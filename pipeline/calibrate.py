@@ -73,7 +73,7 @@ def router_logits(model: nn.Module, router: LatentPrototypeRouter, ids: torch.Te
         with torch.no_grad():
             for start in range(0, len(ids), batch):
                 with contextlib.suppress(_StopForward):
-                    model(ids[start : start + batch].to(device))
+                    model(ids[start : start + batch].to(device), use_cache=False)
     finally:
         handle.remove()
     return torch.cat(logits)

@@ -138,7 +138,7 @@ def evaluate(model, batches: torch.Tensor, top_k: int, batch_size: int = 16) -> 
     losses, loads = [], None
     for start in range(0, len(batches), batch_size):
         ids = batches[start : start + batch_size]
-        out = model(input_ids=ids, labels=ids, output_router_logits=True)
+        out = model(input_ids=ids, labels=ids, output_router_logits=True, use_cache=False)
         losses.append(float(out.loss) * len(ids))
         step = [expert_load(r.topk(top_k, -1).indices.numpy(), r.shape[-1]) for r in out.router_logits]
         loads = step if loads is None else [a + b for a, b in zip(loads, step, strict=True)]
@@ -189,7 +189,7 @@ def train_demo_model(cfg: DemoConfig, *, seed: int, out_dir: Path) -> dict[str, 
                 order, cursor = rng.permutation(len(train)), 0
             ids = train[order[cursor : cursor + cfg.batch_size]]
             cursor += cfg.batch_size
-            out = model(input_ids=ids, labels=ids, output_router_logits=True)
+            out = model(input_ids=ids, labels=ids, output_router_logits=True, use_cache=False)
             balance = per_layer_switch_loss(out.router_logits, cfg.top_k)
             loss = out.loss + balance_weight(cfg, step) * balance
             optimizer.zero_grad(set_to_none=True)

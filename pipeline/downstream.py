@@ -7,10 +7,12 @@ which need their datasets on the machine). Needs the ``eval`` extra (``pip insta
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,23 @@ def _task_list(names: list[str], manager: Any) -> list[str | dict[str, Any]]:
     return [shipped.get(name, name) for name in names]
 
 
+@contextlib.contextmanager
+def without_kv_cache(model: nn.Module) -> Iterator[None]:
+    """``config.use_cache`` off while lm-eval scores the model (restored after).
+
+    lm-eval's log-likelihood calls are a plain ``model(ids)``: with the config's default the model builds
+    a KV cache it never reuses, and on transformers 5.25 a hybrid family's cache (Nemotron-H: a
+    ``DynamicCache`` whose Mamba layers are ``DummyLayer``) breaks that forward outright.
+    """
+    config = model.config
+    before = config.use_cache
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = before
+
+
 def evaluate_tasks(
     model: nn.Module, tokenizer: Any, names: list[str], *, batch_size: int, limit: int | None, max_length: int
 ) -> dict[str, dict[str, float]]:
@@ -84,15 +103,16 @@ def evaluate_tasks(
     device = str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, max_length=max_length)
     try:
-        results = simple_evaluate(
-            model=lm,
-            tasks=tasks,
-            task_manager=manager,
-            limit=limit,
-            log_samples=False,
-            bootstrap_iters=1000,
-            verbosity="ERROR",
-        )
+        with without_kv_cache(model):
+            results = simple_evaluate(
+                model=lm,
+                tasks=tasks,
+                task_manager=manager,
+                limit=limit,
+                log_samples=False,
+                bootstrap_iters=1000,
+                verbosity="ERROR",
+            )
     except (ConnectionError, OSError) as err:
         raise LprError(
             f"lm-eval could not load the data of {names} ({str(err).splitlines()[0][:160]})",

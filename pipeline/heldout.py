@@ -111,7 +111,7 @@ def measure(
                 batch = ids[start : start + v.batch_size].to(device)
                 recorder.batch_documents = documents[start : start + v.batch_size].reshape(-1)
                 tokens = batch.numel() - batch.shape[0]  # next-token targets
-                loss_sum += float(model(batch, labels=batch).loss) * tokens
+                loss_sum += float(model(batch, labels=batch, use_cache=False).loss) * tokens
                 token_count += tokens
     finally:
         recorder.close()

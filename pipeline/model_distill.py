@@ -119,9 +119,9 @@ def _losses(
     own next-token loss (student − teacher)."""
     swap_modules(model, originals)
     with torch.no_grad():
-        log_teacher = next_token_log_probs(model(ids).logits)
+        log_teacher = next_token_log_probs(model(ids, use_cache=False).logits)
     swap_modules(model, routers)
-    log_student = next_token_log_probs(model(ids).logits)
+    log_student = next_token_log_probs(model(ids, use_cache=False).logits)
     balance = sum(sequence_balance_loss(taps.logits[name], len(ids), cfg.sinkhorn_iterations) for name in routers)
     fidelity = next_token_kl(log_teacher, log_student)
     if cfg.model_data_ce > 0:

@@ -194,3 +194,18 @@ def test_identity_router_from_the_router_module(family):
         order, order_ref = i.argsort(-1), i_ref.argsort(-1)  # the same experts, in any order
         assert torch.equal(i.gather(-1, order), i_ref.gather(-1, order_ref))
         torch.testing.assert_close(w.gather(-1, order), w_ref.gather(-1, order_ref), atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_lm_eval_scores_a_hybrid_family_without_a_kv_cache(tokenizer):
+    """lm-eval calls a plain ``model(ids)``; on transformers 5.25 a Nemotron-H (Mamba + attention + MoE)
+    breaks on the KV cache that call would build. evaluate_tasks scores it without one and puts the
+    config back as it was."""
+    pytest.importorskip("lm_eval")
+    from pipeline.downstream import evaluate_tasks
+
+    model = tiny_model("nemotron_h")
+    assert model.config.use_cache
+    results = evaluate_tasks(model, tokenizer, ["lpr_demo_cloze"], batch_size=4, limit=4, max_length=256)
+    assert results["lpr_demo_cloze"]["samples"] == 4 and 0 <= results["lpr_demo_cloze"]["acc"] <= 1
+    assert model.config.use_cache
