@@ -1,10 +1,11 @@
 """How far can any router of the model's own form get? The original gate, trained in the model like the LPR.
 
-The reference the LPR's frontier should be read against: each MoE layer's own linear gate (as an
-identity-encoder, dot-product LPR, so it starts exactly at the original gate and can represent
-anything ``original+bias`` can) trained by the distill stage's model-level phase, with the same
-config, data, balance settings and final in-model bias calibration as the LPR — then measured on the
-held-out documents like every variant. Where even the full gate cannot reach a balance at a cost,
+The reference the LPR's frontier should be read against: each MoE layer's own linear gate (as a
+compact dot-product LPR, ``pipeline.replace.gate_routers``, so it starts exactly at the original gate
+and can represent anything ``original+bias`` can) trained by the distill stage's model-level phase,
+with the same config, data, balance settings and final in-model bias calibration as the LPR — then
+measured on the held-out documents like every variant. This is what ``router.init: gate`` distils,
+at several balances with one model load. Where even the full gate cannot reach a balance at a cost,
 no router trained this way will: the cost is the model's (its frozen experts), not the router's.
 Ends with one JSON line.
 Usage: ``python benchmarks/gate_bound.py RUN_DIR [--balance 0,0.5,0.75,1] [--steps N]`` (the run
@@ -21,7 +22,7 @@ from pipeline.cli_runs import resolve_config
 from pipeline.heldout import heldout_sequences, measure
 from pipeline.model_distill import distill_in_model
 from pipeline.models import find_routers, load_model, resolve_model_path
-from pipeline.replace import identity_routers, install_routers, swap_modules
+from pipeline.replace import gate_routers, install_routers, swap_modules
 from storage.rundir import RunDir
 
 
@@ -57,10 +58,10 @@ def main() -> None:
         figures = f"Gini {r['gini']:.4f}  min/max {r['min_max']:.3f}  ΔCE {r['delta_ce_pct']:+.2f} %"
         print(f"{label:<22} {figures}  soft Gini {r['soft_gini']:.4f}", flush=True)
 
-    record("gate, untrained (bias)", identity_routers(model))  # the original gate + a calibrated bias
+    record("gate, untrained (bias)", gate_routers(model))  # the original gate + a calibrated bias
     for balance in (float(b) for b in args.balance.split(",")):
         update = {"balance": balance} | ({"model_steps": args.steps} if args.steps else {})
-        routers = identity_routers(model)
+        routers = gate_routers(model)
         distill_in_model(
             model,
             routers,

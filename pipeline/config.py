@@ -73,6 +73,10 @@ class ClusterConfig(_Section):
 class RouterConfig(_Section):
     """The Latent Prototype Router built from the prototypes (and later distilled)."""
 
+    # where distillation starts: "clusters" (the LPR of the paper: PCA encoder, balanced centroids, then the
+    # gate-level phase) or "gate" (the model's own gate as a compact dot-product LPR, distilled in the model
+    # only; `similarity` applies to cluster-initialised routers and LPR-init). Measured: README, "router.init".
+    init: Literal["clusters", "gate"] = "clusters"
     similarity: Literal["cosine", "dot", "gaussian", "mahalanobis"] = "cosine"
     calibration_rows: int = Field(262_144, ge=16)  # rows (whole chunks, many documents) for bias and temperature;
     # more rows → more documents → a bias that holds better on unseen text (memory ∝ rows × (latent + experts))

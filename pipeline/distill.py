@@ -28,7 +28,7 @@ from pipeline.init_routers import calibrate_bias, initial_router, row_logits
 from pipeline.metrics import expert_load, gini
 from pipeline.models import load_config, load_model, resolve_model_path
 from pipeline.progress import info, progress_bar
-from pipeline.replace import install_routers
+from pipeline.replace import gate_routers, install_routers
 from pipeline.router import LatentPrototypeRouter, RouterSpec
 from pipeline.stages import build_manifest, check_states_model, previous_run
 from storage.layer_files import read_layer_meta
@@ -198,12 +198,34 @@ def run_distill(*, cfg: RunConfig, run: RunDir, force: bool = False) -> Manifest
             info(f"[bold]distill[/] {layer}: gate-level router reused (already done with this config)")
             continue
         summary[layer] = distill_one(cfg=cfg, run=run, reader=reader, layer=layer, fp=fp, model_config=model_config)
-    model_stats = distill_model_level(cfg=cfg, run=run, layers=reader.layers, fp=fp)
+    modules = {layer: reader.layer_module(layer) for layer in reader.layers}
+    model_stats = distill_model_level(cfg=cfg, run=run, modules=modules, fp=fp)
     outputs = {"routers": "routers", "layers": list(summary), "bytes": run.size_bytes(run.partial_path(STAGE))}
     stats = {"layers": summary, "model_level": model_stats}
     manifest = build_manifest(stage=STAGE, config=config, inputs=inputs, outputs=outputs, stats=stats, started=started)
     run.commit(STAGE, manifest)
     return manifest
+
+
+def starting_routers(
+    cfg: RunConfig, run: RunDir, model: Any, modules: dict[str, str]
+) -> tuple[dict[str, LatentPrototypeRouter], dict[str, dict[str, Any]]]:
+    """The routers the model-level phase starts from, and the metadata their files will carry, both
+    keyed by router module name: the gate-level routers, or the model's gates (``router.init: gate``)."""
+    routers, metas = {}, {}
+    if cfg.router.init == "gate":
+        gates = gate_routers(model)
+        for layer, module in modules.items():
+            routers[module] = gates[module]
+            metas[module] = {"layer": layer, "module": module, "spec": gates[module].spec.to_dict()}
+            metas[module] |= {"summary": {"init": "gate"}, "history": []}
+        return routers, metas
+    for layer in modules:
+        state, meta = read_layer_router(run, gate_path(run), layer)
+        router = LatentPrototypeRouter(RouterSpec(**meta["spec"]))
+        router.load_state_dict(state, strict=True)
+        routers[meta["module"]], metas[meta["module"]] = router, meta
+    return routers, metas
 
 
 def gate_path(run: RunDir) -> str:
@@ -213,7 +235,10 @@ def gate_path(run: RunDir) -> str:
 
 def distill_one(*, cfg: RunConfig, run: RunDir, reader: StatesReader, layer: str, fp: str, model_config: Any) -> dict:
     """One layer, gate-level: LPR-init, distillation on the stored states, bias calibration on
-    stored rows; written into ``routers.partial/gate/``."""
+    stored rows; written into ``routers.partial/gate/``. With ``router.init: gate`` there is no
+    gate-level phase (the router starts as the gate itself, in the model): nothing to do here."""
+    if cfg.router.init == "gate":
+        return {"init": "gate"}
     started = time.time()
     init = initial_router(cfg=cfg, run=run, reader=reader, layer=layer, model_config=model_config)
     router, meta, calibration = init.router, init.meta, init.calibration
@@ -250,21 +275,17 @@ def distill_one(*, cfg: RunConfig, run: RunDir, reader: StatesReader, layer: str
     return summary
 
 
-def distill_model_level(*, cfg: RunConfig, run: RunDir, layers: list[str], fp: str) -> dict[str, Any]:
-    """The whole-model phase, from the gate-level routers: distillation in the model (when
-    ``distill.model_steps`` > 0), then the bias calibrated in the model, layer by layer, on
-    training-side sequences. Writes the final routers into ``routers.partial/``."""
+def distill_model_level(*, cfg: RunConfig, run: RunDir, modules: dict[str, str], fp: str) -> dict[str, Any]:
+    """The whole-model phase, from the gate-level routers (or, with ``router.init: gate``, from the
+    model's own gates): distillation in the model (when ``distill.model_steps`` > 0), then the bias
+    calibrated in the model, layer by layer, on training-side sequences. ``modules``: each stored
+    layer's router module name. Writes the final routers into ``routers.partial/``."""
     from pipeline.calibrate import calibrate_in_model, training_sequences
     from pipeline.model_distill import distill_in_model
 
     d = cfg.distill
     model, tokenizer = load_model(cfg.model, resolve_model_path(cfg))
-    routers, metas = {}, {}
-    for layer in layers:
-        state, meta = read_layer_router(run, gate_path(run), layer)
-        router = LatentPrototypeRouter(RouterSpec(**meta["spec"]))
-        router.load_state_dict(state, strict=True)
-        routers[meta["module"]], metas[meta["module"]] = router, meta
+    routers, metas = starting_routers(cfg, run, model, modules)
     sequences = training_sequences(cfg, tokenizer)
     calibration, val, train = sequences.calibration, sequences.val, sequences.train
     stats: dict[str, Any] = {"steps": d.model_steps, "train_sequences": len(train), "seq_len": cfg.corpus.seq_len}

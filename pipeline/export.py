@@ -26,7 +26,8 @@ from storage.states import StatesReader
 CARD = """# LPR routers for {model}
 
 {kind} Latent Prototype Routers for the {layers} MoE layers of `{model}` ({family}, {experts} experts,
-top-{top_k}), made by lpr-distill {version} on {date}. Similarity: {similarity}, latent dimension {latent_dim}.
+top-{top_k}), made by lpr-distill {version} on {date}, starting from {init}. Similarity: {similarity}, latent
+dimension {latent_dim}.
 
 ```python
 from pipeline import load_lpr_model
@@ -59,9 +60,12 @@ def export_routers(
     model_path = resolve_model_path(cfg)
     model_config = load_config(cfg.model, model_path)
     spec = next(iter(routers.values())).spec
+    # what distillation started from: the model's own gates (router.init: gate) or the clusters
+    init = "gate" if any(m.get("init") == "gate" for m in metrics.values()) else "clusters"
     tensors = {f"{name}.{key}": value for name, router in routers.items() for key, value in router.state_dict().items()}
     config = {
         "kind": kind,
+        "init": init,
         "family": family_of(model_config),
         "model": cfg.model.path,
         "revision": cfg.model.revision,
@@ -83,6 +87,7 @@ def export_routers(
         top_k=spec.top_k,
         version=__version__,
         date=time.strftime("%Y-%m-%d"),
+        init={"gate": "the model's own gates", "clusters": "the balanced clusters"}[init],
         similarity=spec.similarity,
         latent_dim=spec.latent_dim,
         out=out,

@@ -13,6 +13,7 @@ router's tensors under their own keys (``mlp.gate.weight`` …) and puts the LPR
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 
 from pipeline.families import FAMILIES, family_of
 from pipeline.models import RouterSite, find_routers
-from pipeline.router import LatentPrototypeRouter, RouterSpec, identity_router, spec_for
+from pipeline.router import LatentPrototypeRouter, RouterSpec, gate_router, identity_router, spec_for
 
 _SWAP_CLASSES: dict[type, type] = {}
 _ORIGINAL = "_lpr_original_state"  # plain attribute of an installed LPR: the original router's tensors
@@ -113,14 +114,26 @@ def block_of(model: nn.Module, site: RouterSite) -> nn.Module | None:
 def identity_routers(model: nn.Module, spec: RouterSpec | None = None) -> dict[str, LatentPrototypeRouter]:
     """An identity-configured LPR for every router of ``model`` (gate weight, logit bias and choice
     bias copied from it), keyed by module name: installed, the model computes exactly what it did."""
-    family = FAMILIES[family_of(model.config)]
     spec = spec or spec_for(model.config, latent_dim=model.config.hidden_size, similarity="dot")
+    return _from_gates(model, lambda weight, **biases: identity_router(weight, spec, **biases))
+
+
+def gate_routers(model: nn.Module) -> dict[str, LatentPrototypeRouter]:
+    """Every router of ``model`` as a compact LPR equal to its gate (``pipeline.router.gate_router``: latent
+    = experts, the gate's cost), keyed by module name: installed, the model computes exactly what it did."""
+    spec = spec_for(model.config, latent_dim=1, similarity="dot")
+    return _from_gates(model, lambda weight, **biases: gate_router(weight, spec, **biases))
+
+
+def _from_gates(model: nn.Module, build: Callable[..., LatentPrototypeRouter]) -> dict[str, LatentPrototypeRouter]:
+    """``build(weight (E, H) float32, logit_bias=, choice_bias=)`` for each router of the model, read by its family."""
+    family = FAMILIES[family_of(model.config)]
     routers = {}
     for site in find_routers(model):
         original = site.module
         if isinstance(original, LatentPrototypeRouter):
             raise ValueError(f"{site.name} already holds an LPR router")
         weight, logit_bias, choice_bias = family.gate_tensors(original, block_of(model, site))
-        router = identity_router(weight.float(), spec, logit_bias=logit_bias, choice_bias=choice_bias)
+        router = build(weight.float(), logit_bias=logit_bias, choice_bias=choice_bias)
         routers[site.name] = router.to(dtype=torch.float32).eval()
     return routers

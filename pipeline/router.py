@@ -215,6 +215,32 @@ def spec_for(config: object, *, latent_dim: int, similarity: Similarity = "cosin
     )
 
 
+def gate_router(
+    gate_weight: torch.Tensor,
+    spec: RouterSpec,
+    *,
+    logit_bias: torch.Tensor | None = None,
+    choice_bias: torch.Tensor | None = None,
+) -> LatentPrototypeRouter:
+    """The linear gate as a compact LPR: latent = one dimension per expert, encoder = the gate's weight
+    (E, H) and logit bias, prototypes = identity, dot product — the gate's logits at the gate's cost.
+
+    The start of a gate-initialised distillation (``router.init: gate``); ``identity_router`` is the same
+    function with an identity encoder (H × H), which the product never needs to carry.
+    """
+    experts = gate_weight.shape[0]
+    router = LatentPrototypeRouter(replace(spec, latent_dim=experts, similarity="dot"))
+    with torch.no_grad():
+        router.encoder.weight.copy_(gate_weight.detach().to(router.encoder.weight.dtype))
+        router.encoder.bias.zero_()
+        if logit_bias is not None:
+            router.encoder.bias.copy_(logit_bias.detach().reshape(-1).to(router.encoder.bias.dtype))
+        router.prototypes.copy_(torch.eye(experts, dtype=router.prototypes.dtype))
+        if choice_bias is not None:
+            router.bias.copy_(choice_bias.detach().reshape(-1).float())
+    return router
+
+
 def identity_router(
     gate_weight: torch.Tensor | nn.Module,
     spec: RouterSpec,

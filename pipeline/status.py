@@ -39,8 +39,11 @@ def _distill_details(stats: dict[str, Any]) -> str:
     layers = stats.get("layers", {})
     if not layers:
         return ""
-    ginis = [row["val_gini"] for row in layers.values()]
-    text = f"{len(layers)} layers; gate level: Gini on held-out chunks {min(ginis):.3f}–{max(ginis):.3f}"
+    ginis = [row["val_gini"] for row in layers.values() if "val_gini" in row]
+    if ginis:
+        text = f"{len(layers)} layers; gate level: Gini on held-out chunks {min(ginis):.3f}–{max(ginis):.3f}"
+    else:
+        text = f"{len(layers)} layers from the model's own gates (router.init gate)"
     best = stats.get("model_level", {}).get("best")
     if best:
         text += f"; in the model: best step {best['step']}, val KL {best['kl']:.4f}, Gini {best['gini']:.3f}"

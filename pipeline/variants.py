@@ -25,7 +25,7 @@ from pipeline.config import RunConfig
 from pipeline.errors import LprError
 from pipeline.export import build_init_routers, distilled_routers
 from pipeline.models import find_routers, load_tokenizer, resolve_model_path
-from pipeline.replace import identity_routers, install_routers, swap_modules
+from pipeline.replace import gate_routers, install_routers, swap_modules
 from pipeline.router import LatentPrototypeRouter, spec_for
 from storage.rundir import RunDir
 
@@ -70,7 +70,7 @@ def original(cfg: RunConfig, run: RunDir, model: nn.Module) -> Built:
 
 
 def bias_routers(cfg: RunConfig, run: RunDir, model: nn.Module) -> tuple[dict[str, LatentPrototypeRouter], dict]:
-    """The original gates as identity LPRs (the gate's own weights and biases) with a choice-only
+    """The original gates as LPRs equal to them (``gate_routers``: the gate's own weights and biases) with a choice-only
     per-expert bias that balances top-k slots, calibrated in the model layer by layer on the same
     training-side sequences as the LPR routers' final calibration (never the held-out documents).
 
@@ -78,7 +78,7 @@ def bias_routers(cfg: RunConfig, run: RunDir, model: nn.Module) -> tuple[dict[st
     """
     from pipeline.calibrate import calibrate_in_model, training_sequences
 
-    routers = identity_routers(model)
+    routers = gate_routers(model)
     calibration = training_sequences(cfg, load_tokenizer(cfg.model, resolve_model_path(cfg))).calibration
     originals = {site.name: site.module for site in find_routers(model)}
     install_routers(model, routers)

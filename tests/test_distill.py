@@ -10,7 +10,8 @@ from pipeline.config import build_config
 from pipeline.distill import run_distill, sinkhorn_balance, split_chunks, teacher_target
 from pipeline.errors import LprError
 from pipeline.export import distilled_routers, run_export
-from pipeline.models import find_routers
+from pipeline.models import find_routers, load_model
+from pipeline.replace import gate_routers
 from pipeline.status import run_status
 from storage.routers_store import read_layer_router
 from storage.rundir import RunDir
@@ -78,6 +79,41 @@ def test_distilled_routers_export_and_load(distilled, tmp_path, tiny_model):
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
     with torch.no_grad():
         assert torch.isfinite(model(ids, labels=ids).loss)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_steps", [0, 12])
+def test_distill_from_the_models_own_gates(tmp_path, tiny_model, tiny_corpus, model_steps):
+    """router.init: gate — no gate-level phase: the model-level phase starts from each layer's own gate
+    (a compact dot-product LPR). With no model-level step the stored router is the gate itself (same
+    logits) plus its calibrated bias; with steps it has moved. Either way it exports and loads."""
+    model_level = MODEL_LEVEL | {"model_steps": model_steps}
+    router = {"init": "gate", "calibration_rows": 512}
+    cfg, run = clustered_run(tmp_path / "run", tiny_model, tiny_corpus, router=router, distill=model_level)
+    manifest = run_distill(cfg=cfg, run=run)
+    assert all(summary["init"] == "gate" for summary in manifest.stats["layers"].values())
+    assert not run.fs.exists(run.path("routers", "gate"))  # nothing was distilled at gate level
+    model, _ = load_model(cfg.model, cfg.model.path)
+    gates = gate_routers(model)
+    routers, metrics = distilled_routers(run)
+    assert set(routers) == set(gates) and len(routers) == 2
+    x = torch.randn(64, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    for name, router in routers.items():
+        assert router.spec.similarity == "dot" and router.spec.latent_dim == router.num_experts
+        with torch.no_grad():
+            same = torch.equal(router.scores(x), gates[name].scores(x))
+        assert same == (model_steps == 0), name
+        assert router.bias.abs().sum() > 0  # calibrated in the model
+    for summary in metrics.values():
+        low, high = summary["model_calibration_slots"]
+        assert high - low <= max(2, 0.05 * high)
+    assert run_status(run)["stages"]["distill"]["details"].startswith("2 layers from the model's own gates")
+    out = run_export(cfg=cfg, run=run, out=tmp_path / "lpr")
+    assert "starting from the model's own gates" in (out / "README.md").read_text()
+    loaded = load_lpr_model(str(tiny_model), out)
+    ids = torch.randint(0, loaded.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.isfinite(loaded(ids, labels=ids, use_cache=False).loss)
 
 
 def test_distill_needs_prototypes(tmp_path, tiny_model, tiny_corpus):

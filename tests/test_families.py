@@ -37,6 +37,9 @@ def test_identity_lpr_reproduces_the_model(family):
     assert result["router_logits_recorded"] == result["routers"] > 0  # output_router_logits still sees them
     assert result["loss_finite"]  # the aux-loss path runs on the LPR's logits
     assert result["wrong_routing_diff"] > 1e-4  # the comparison can fail: two experts swapped show
+    # the compact form (encoder = gate weight, prototypes = identity) computes the same, at the gate's size
+    assert result["gate_router_max_abs_diff"] <= 1e-5, result
+    assert result["gate_router_latent"] == [FAMILIES[family].num_experts(tiny_model(family).config)]
 
 
 @pytest.mark.parametrize("family", ALL)

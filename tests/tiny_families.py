@@ -168,7 +168,7 @@ def check_identity(family: str) -> dict[str, Any]:
     router logits still recorded, the aux loss computed; a swapped pair of prototypes changes them."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.replace import identity_routers, install_routers
+    from pipeline.replace import gate_routers, identity_routers, install_routers
 
     model = tiny_model(family, seed=3)
     perturb_gates(model, family)
@@ -189,6 +189,12 @@ def check_identity(family: str) -> dict[str, Any]:
     with torch.no_grad():
         first.prototypes[[0, 1]] = first.prototypes[[1, 0]]  # experts 0 and 1 trade places
     result["wrong_routing_diff"] = float((_logits(swapped, ids).logits - expected.logits).abs().max())
+    compact = AutoModelForCausalLM.from_config(model.config).eval()
+    compact.load_state_dict(model.state_dict())
+    gates = gate_routers(compact)  # the same function as the gate, latent = experts (router.init: gate)
+    install_routers(compact, gates)
+    result["gate_router_max_abs_diff"] = float((_logits(compact, ids).logits - expected.logits).abs().max())
+    result["gate_router_latent"] = sorted({router.spec.latent_dim for router in gates.values()})
     return result
 
 
