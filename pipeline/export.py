@@ -60,8 +60,7 @@ def export_routers(
     model_path = resolve_model_path(cfg)
     model_config = load_config(cfg.model, model_path)
     spec = next(iter(routers.values())).spec
-    # what distillation started from: the model's own gates (router.init: gate) or the clusters
-    init = "gate" if any(m.get("init") == "gate" for m in metrics.values()) else "clusters"
+    init = distilled_from(metrics)
     tensors = {f"{name}.{key}": value for name, router in routers.items() for key, value in router.state_dict().items()}
     config = {
         "kind": kind,
@@ -94,6 +93,11 @@ def export_routers(
         metrics="; ".join(f"{layer}: {value}" for layer, value in metrics.items()),
     )
     return write_routers(out, tensors, config, card)
+
+
+def distilled_from(metrics: dict[str, dict[str, Any]]) -> str:
+    """What the routers started from, by their per-layer summaries: "gate" (``router.init: gate``) or "clusters"."""
+    return "gate" if any(summary.get("init") == "gate" for summary in metrics.values()) else "clusters"
 
 
 def convention(spec: RouterSpec) -> str:

@@ -216,6 +216,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         report["winner"]["sentence"],
     ]
+    if report["variants"].get("lpr", {}).get("build", {}).get("init") == "gate":
+        parts += ["", "`lpr` was distilled from the model's own gates (`router.init: gate`), not from the clusters."]
     comparison = report.get("comparison")
     if comparison:
         bias = comparison["bias_delta_ce_pct_at_same_gini"]

@@ -23,7 +23,7 @@ from torch import nn
 
 from pipeline.config import RunConfig
 from pipeline.errors import LprError
-from pipeline.export import build_init_routers, distilled_routers
+from pipeline.export import build_init_routers, distilled_from, distilled_routers
 from pipeline.models import find_routers, load_tokenizer, resolve_model_path
 from pipeline.replace import gate_routers, install_routers, swap_modules
 from pipeline.router import LatentPrototypeRouter, spec_for
@@ -107,7 +107,7 @@ def lpr_init(cfg: RunConfig, run: RunDir, model: nn.Module) -> Built:
 def lpr(cfg: RunConfig, run: RunDir, model: nn.Module) -> Built:
     """LPR as the distill stage stored it."""
     routers, metrics = distilled_routers(run)
-    return Built(routers, {"distill": metrics})
+    return Built(routers, {"distill": metrics, "init": distilled_from(metrics)})
 
 
 def check_variants(names: list[str], run: RunDir) -> None:

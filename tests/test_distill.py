@@ -13,6 +13,7 @@ from pipeline.export import distilled_routers, run_export
 from pipeline.models import find_routers, load_model
 from pipeline.replace import gate_routers
 from pipeline.status import run_status
+from pipeline.variants import VARIANTS
 from storage.routers_store import read_layer_router
 from storage.rundir import RunDir
 from tests.conftest import clustered_run, tiny_run_config
@@ -108,6 +109,7 @@ def test_distill_from_the_models_own_gates(tmp_path, tiny_model, tiny_corpus, mo
         low, high = summary["model_calibration_slots"]
         assert high - low <= max(2, 0.05 * high)
     assert run_status(run)["stages"]["distill"]["details"].startswith("2 layers from the model's own gates")
+    assert VARIANTS["lpr"].build(cfg, run, model).info["init"] == "gate"  # the report says where it started
     out = run_export(cfg=cfg, run=run, out=tmp_path / "lpr")
     assert "starting from the model's own gates" in (out / "README.md").read_text()
     loaded = load_lpr_model(str(tiny_model), out)
