@@ -144,7 +144,10 @@ def distill(
     set_: SetOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Distil one LPR router per MoE layer (gate level, then in the model), calibrate its bias → RUN_DIR/routers."""
+    """Distil one LPR router per MoE layer (gate level, then in the model), calibrate its bias → RUN_DIR/routers.
+
+    --set router.init=gate starts from the model's own gates instead of the clusters (in the model only).
+    """
     run = RunDir(run_dir)
     cfg = resolve_config(run=run, config=config, sets=set_, flags={"distill.balance": balance, "distill.steps": steps})
     _run_stages(["distill"], run=run, cfg=cfg, force=force)
