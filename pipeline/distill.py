@@ -30,7 +30,7 @@ from pipeline.models import load_config, load_model, resolve_model_path
 from pipeline.progress import info, progress_bar
 from pipeline.replace import gate_routers, install_routers
 from pipeline.router import LatentPrototypeRouter, RouterSpec
-from pipeline.stages import build_manifest, check_states_model, previous_run
+from pipeline.stages import FROM_GATES, build_manifest, check_states_model, previous_run
 from storage.layer_files import read_layer_meta
 from storage.routers_store import read_layer_router, write_layer_router
 from storage.rundir import Manifest, RunDir, fingerprint
@@ -218,7 +218,7 @@ def starting_routers(
         for layer, module in modules.items():
             routers[module] = gates[module]
             metas[module] = {"layer": layer, "module": module, "spec": gates[module].spec.to_dict()}
-            metas[module] |= {"summary": {"init": "gate"}, "history": []}
+            metas[module] |= {"summary": dict(FROM_GATES), "history": []}
         return routers, metas
     for layer in modules:
         state, meta = read_layer_router(run, gate_path(run), layer)
@@ -238,7 +238,7 @@ def distill_one(*, cfg: RunConfig, run: RunDir, reader: StatesReader, layer: str
     stored rows; written into ``routers.partial/gate/``. With ``router.init: gate`` there is no
     gate-level phase (the router starts as the gate itself, in the model): nothing to do here."""
     if cfg.router.init == "gate":
-        return {"init": "gate"}
+        return dict(FROM_GATES)
     started = time.time()
     init = initial_router(cfg=cfg, run=run, reader=reader, layer=layer, model_config=model_config)
     router, meta, calibration = init.router, init.meta, init.calibration

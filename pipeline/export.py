@@ -17,7 +17,7 @@ from pipeline.models import find_routers, load_config, resolve_model_path
 from pipeline.progress import info
 from pipeline.replace import install_routers
 from pipeline.router import LatentPrototypeRouter, RouterSpec, spec_for
-from pipeline.stages import check_states_model
+from pipeline.stages import check_states_model, distilled_from
 from storage.routers import read_routers, write_routers
 from storage.routers_store import read_layer_router
 from storage.rundir import RunDir
@@ -93,11 +93,6 @@ def export_routers(
         metrics="; ".join(f"{layer}: {value}" for layer, value in metrics.items()),
     )
     return write_routers(out, tensors, config, card)
-
-
-def distilled_from(metrics: dict[str, dict[str, Any]]) -> str:
-    """What the routers started from, by their per-layer summaries: "gate" (``router.init: gate``) or "clusters"."""
-    return "gate" if any(summary.get("init") == "gate" for summary in metrics.values()) else "clusters"
 
 
 def convention(spec: RouterSpec) -> str:

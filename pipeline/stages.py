@@ -78,3 +78,11 @@ def check_states_model(cfg: RunConfig, run: RunDir) -> None:
             f"but the config names {cfg.model.path} (revision {cfg.model.revision})",
             f"pass the model the run was dumped with (--set model.path={dumped_path}), or dump again with --force",
         )
+
+
+FROM_GATES = {"init": "gate"}  # a layer's distill summary when distillation started from its gate (router.init: gate)
+
+
+def distilled_from(summaries: dict[str, dict[str, Any]]) -> str:
+    """What distilled routers started from, by their per-layer distill summaries: "gate" or "clusters"."""
+    return "gate" if any(summary.get("init") == FROM_GATES["init"] for summary in summaries.values()) else "clusters"

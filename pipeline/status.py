@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.errors import LprError
+from pipeline.stages import distilled_from
 from storage.rundir import STAGES, RunDir
 from storage.states import StatesReader
 
@@ -39,11 +40,11 @@ def _distill_details(stats: dict[str, Any]) -> str:
     layers = stats.get("layers", {})
     if not layers:
         return ""
-    ginis = [row["val_gini"] for row in layers.values() if "val_gini" in row]
-    if ginis:
-        text = f"{len(layers)} layers; gate level: Gini on held-out chunks {min(ginis):.3f}–{max(ginis):.3f}"
-    else:
+    if distilled_from(layers) == "gate":
         text = f"{len(layers)} layers from the model's own gates (router.init gate)"
+    else:
+        ginis = [row["val_gini"] for row in layers.values()]
+        text = f"{len(layers)} layers; gate level: Gini on held-out chunks {min(ginis):.3f}–{max(ginis):.3f}"
     best = stats.get("model_level", {}).get("best")
     if best:
         text += f"; in the model: best step {best['step']}, val KL {best['kl']:.4f}, Gini {best['gini']:.3f}"

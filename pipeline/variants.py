@@ -23,10 +23,11 @@ from torch import nn
 
 from pipeline.config import RunConfig
 from pipeline.errors import LprError
-from pipeline.export import build_init_routers, distilled_from, distilled_routers
+from pipeline.export import build_init_routers, distilled_routers
 from pipeline.models import find_routers, load_tokenizer, resolve_model_path
 from pipeline.replace import gate_routers, install_routers, swap_modules
 from pipeline.router import LatentPrototypeRouter, spec_for
+from pipeline.stages import distilled_from
 from storage.rundir import RunDir
 
 

@@ -163,10 +163,18 @@ def perturb_gates(model, family: str, seed: int = 0) -> None:
                 choice_bias.copy_(torch.rand(choice_bias.shape, generator=gen).reshape(choice_bias.shape) * 0.1)
 
 
+def _copy(model):
+    """A second instance of ``model`` with the same weights (routers can be swapped into it alone)."""
+    from transformers import AutoModelForCausalLM
+
+    copy = AutoModelForCausalLM.from_config(model.config).eval()
+    copy.load_state_dict(model.state_dict())
+    return copy
+
+
 def check_identity(family: str) -> dict[str, Any]:
     """Identity-configured LPRs in place of every router: the model's logits unchanged (float32),
     router logits still recorded, the aux loss computed; a swapped pair of prototypes changes them."""
-    from transformers import AutoModelForCausalLM
 
     from pipeline.replace import gate_routers, identity_routers, install_routers
 
@@ -174,8 +182,7 @@ def check_identity(family: str) -> dict[str, Any]:
     perturb_gates(model, family)
     ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     expected = _logits(model, ids, output_router_logits=True)
-    swapped = AutoModelForCausalLM.from_config(model.config).eval()
-    swapped.load_state_dict(model.state_dict())
+    swapped = _copy(model)
     routers = identity_routers(swapped)
     install_routers(swapped, routers)
     got = _logits(swapped, ids, output_router_logits=True, labels=ids)
@@ -189,8 +196,7 @@ def check_identity(family: str) -> dict[str, Any]:
     with torch.no_grad():
         first.prototypes[[0, 1]] = first.prototypes[[1, 0]]  # experts 0 and 1 trade places
     result["wrong_routing_diff"] = float((_logits(swapped, ids).logits - expected.logits).abs().max())
-    compact = AutoModelForCausalLM.from_config(model.config).eval()
-    compact.load_state_dict(model.state_dict())
+    compact = _copy(model)
     gates = gate_routers(compact)  # the same function as the gate, latent = experts (router.init: gate)
     install_routers(compact, gates)
     result["gate_router_max_abs_diff"] = float((_logits(compact, ids).logits - expected.logits).abs().max())
