@@ -8,17 +8,21 @@ Compared, from the same initial centroids and with the same number of iterations
 * ``faiss.Kmeans`` then ``faiss.contrib.clustering.balanced_assignment_with_penalties`` — fast and
   approximately balanced;
 * ``k-means-constrained`` (exact min-cost flow at every step: balanced Lloyd with exact
-  assignments), on a subsample of ``--kmc-rows`` rows because it is slow, against ours on the same rows;
+  assignments), against ours on the same rows: the full data by default (≈ 6 minutes here: its
+  time grows faster than N, 6.5 s at 10k rows, 63 s at 50k), or a strided subsample of
+  ``--kmc-rows`` rows for a quick run;
 * ours, top-1 and top-2.
 
 Prints one line per method, then one JSON line of figures: time ratios, size spread (max/min
-cluster size), MSE relative to plain k-means, where our time goes (distances vs auction, bids per
-slot), and the load average: on a machine shared with other processes FAISS's OpenMP threads lose
-far more than our mostly single-threaded auction (measured here: plain FAISS 1 s idle, 4–19 s at a
-load average of 5–7), so the time ratios of a loaded run flatter us; ``--threads 1`` runs FAISS and
-our compiled loops on one thread each, which contention distorts much less. (Beside CPU FAISS our
-compiled loops always run on one thread: ``pipeline.kmeans.compiled_threads``.)
-Usage: ``python benchmarks/kmeans.py [--rows 200000] [--threads 1]``.
+cluster size), MSE relative to plain k-means, where our time goes (distances vs auction vs centroid
+updates; bids per slot, in all and per step), the *floor* (every step as cheap as our cheapest one,
+where nobody bids after the opening round: the most that fewer bids could give) and the load
+average: on a machine shared with other processes FAISS's OpenMP threads lose far more than our
+mostly single-threaded auction (measured here: plain FAISS 1 s idle, 4–19 s at a load average of
+5–7), so the time ratios of a loaded run flatter us; ``--threads 1`` runs FAISS and our compiled
+loops on one thread each, which contention distorts much less. (Beside CPU FAISS our compiled loops
+always run on one thread: ``pipeline.kmeans.compiled_threads``.)
+Usage: ``python benchmarks/kmeans.py [--rows 200000] [--threads 1] [--kmc-rows 10000]``.
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ def main() -> None:
     parser.add_argument("--dims", type=int, default=128)
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--iterations", type=int, default=20)
-    parser.add_argument("--kmc-rows", type=int, default=10_000)
+    parser.add_argument("--kmc-rows", type=int, default=0, help="rows for k-means-constrained (0: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads",
@@ -136,6 +140,16 @@ def main() -> None:
         "ours_distance_seconds": round(stats["distance_seconds"], 3),
         "ours_auction_seconds": round(stats["auction_seconds"], 3),
         "ours_bids_per_slot": round(stats["bids_per_slot_per_phase"] * stats["phases"], 2),
+        "ours_update_seconds": round(stats["update_seconds"], 3),
+        "ours_bids_per_slot_by_step": [round(b, 2) for b in stats["bids_per_slot_by_step"]],
+    }
+    # what our run would take if every step were as cheap as its cheapest (distances, one opening round,
+    # nobody bidding after it) — the part of the gap to FAISS that fewer bids cannot close
+    floor = len(stats["step_seconds"]) * min(stats["step_seconds"]) + stats["update_seconds"]
+    figures |= {
+        "ours_cheapest_step_seconds": round(min(stats["step_seconds"]), 4),
+        "ours_floor_seconds": round(floor, 3),
+        "floor_ratio_vs_faiss": round(floor / t_plain, 2),
     }
 
     try:
@@ -143,7 +157,8 @@ def main() -> None:
     except ImportError:
         print("k-means-constrained not installed (pip install -e '.[bench]'): skipped")
     else:
-        sub = x[:: max(1, len(x) // args.kmc_rows)][: args.kmc_rows]
+        rows = args.kmc_rows or len(x)
+        sub = np.ascontiguousarray(x[:: max(1, len(x) // rows)][:rows])
         floor = len(sub) // args.k
         kmc = KMeansConstrained(
             n_clusters=args.k,

@@ -144,6 +144,8 @@ class BalancedAssigner:
         self.last_centroids: np.ndarray | None = None
         self.last_assignment: np.ndarray | None = None  # (N, top_k): points still ε-happy there stay
         self.totals = {"bids": 0, "phases": 0, "distance_seconds": 0.0, "auction_seconds": 0.0}
+        self.step_seconds: list[float] = []  # distances + auction, per step
+        self.step_bids: list[int] = []  # bids per step (a point's bid in an opening round counts as one)
 
     @property
     def prices(self) -> np.ndarray:
@@ -187,6 +189,8 @@ class BalancedAssigner:
         self.totals["phases"] += len(schedule)
         self.totals["distance_seconds"] += measured - started
         self.totals["auction_seconds"] += time.perf_counter() - measured
+        self.step_seconds.append(time.perf_counter() - started)
+        self.step_bids.append(bids)
         if final:  # each row best first, by cost + price
             order = np.argsort(np.take_along_axis(dist, held, axis=1) + prices[held], axis=1, kind="stable")
             held = np.take_along_axis(held, order, axis=1)
@@ -226,7 +230,7 @@ def balanced_kmeans(
     assignment for the final centroids, so that centroids, prices and assignment agree. ``init``:
     (k, d) starting centroids (default: k distinct rows drawn with ``seed``). ``on_iteration(t)`` is
     called after each iteration (progress bars). Stats: inertia (mean squared distance per slot)
-    after each assignment, sizes, bids, time.
+    after each assignment, sizes, bids, time; per step (assignment) its seconds and bids per slot.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     check_inputs(x, k, top_k)
@@ -248,11 +252,14 @@ def _lloyd(
     )
     inertia: list[float] = []
     eps_used: list[float] = []
+    update_seconds = 0.0
     for t in range(niter):
         assignment, costs, eps = assigner.step(centroids)
         inertia.append(float(costs.mean(dtype=np.float64)))
         eps_used.append(eps)
+        updating = time.perf_counter()
         centroids = update_centroids(x, assignment, k)
+        update_seconds += time.perf_counter() - updating
         if on_iteration is not None:
             on_iteration(t + 1)
     assignment, costs, eps = assigner.step(centroids, final=True)
@@ -278,5 +285,8 @@ def _lloyd(
         "seconds": time.perf_counter() - started,
         "distance_seconds": assigner.totals["distance_seconds"],
         "auction_seconds": assigner.totals["auction_seconds"],
+        "update_seconds": update_seconds,
+        "step_seconds": assigner.step_seconds,
+        "bids_per_slot_by_step": [b / (x.shape[0] * top_k) for b in assigner.step_bids],
     }
     return result, stats

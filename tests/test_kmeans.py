@@ -234,6 +234,9 @@ def test_kmeans_exact_balance_and_determinism():
     assert stats["size_max"] - stats["size_min"] <= 1
     assert a.sizes.sum() == 3000 * 2
     assert len(stats["inertia"]) == 7
+    # per step (6 Lloyd steps and the final assignment): the bids add up to the run's
+    assert len(stats["step_seconds"]) == len(stats["bids_per_slot_by_step"]) == 7
+    assert sum(stats["bids_per_slot_by_step"]) == pytest.approx(stats["bids_per_slot_per_phase"] * stats["phases"])
 
 
 @pytest.mark.parametrize(("seed", "n", "kp"), [(11, 120, 1), (12, 120, 1), (13, 120, 1), (21, 60, 2), (22, 60, 2)])
