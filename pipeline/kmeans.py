@@ -143,7 +143,7 @@ class BalancedAssigner:
         self.scale: float | None = None  # mean squared distance to the nearest top_k, from the first step
         self.last_centroids: np.ndarray | None = None
         self.last_assignment: np.ndarray | None = None  # (N, top_k): points still ε-happy there stay
-        self.totals = {"bids": 0, "phases": 0, "distance_seconds": 0.0, "auction_seconds": 0.0}
+        self.totals = {"phases": 0, "distance_seconds": 0.0, "auction_seconds": 0.0}
         self.step_seconds: list[float] = []  # distances + auction, per step
         self.step_bids: list[int] = []  # bids per step (a point's bid in an opening round counts as one)
 
@@ -185,7 +185,6 @@ class BalancedAssigner:
         self.last_assignment = held
         self.state_prices = prices
         self.last_centroids = centroids
-        self.totals["bids"] += bids
         self.totals["phases"] += len(schedule)
         self.totals["distance_seconds"] += measured - started
         self.totals["auction_seconds"] += time.perf_counter() - measured
@@ -280,7 +279,7 @@ def _lloyd(
         "tol": tol,
         "eps_relative": [e / (assigner.scale or 1.0) for e in eps_used],
         "phases": assigner.totals["phases"],
-        "bids_per_slot_per_phase": assigner.totals["bids"] / (x.shape[0] * top_k * assigner.totals["phases"]),
+        "bids_per_slot_per_phase": sum(assigner.step_bids) / (x.shape[0] * top_k * assigner.totals["phases"]),
         "gpu": assigner.distances.gpu,
         "seconds": time.perf_counter() - started,
         "distance_seconds": assigner.totals["distance_seconds"],
