@@ -143,9 +143,12 @@ class BalancedAssigner:
         self.scale: float | None = None  # mean squared distance to the nearest top_k, from the first step
         self.last_centroids: np.ndarray | None = None
         self.last_assignment: np.ndarray | None = None  # (N, top_k): points still ε-happy there stay
-        self.totals = {"phases": 0, "distance_seconds": 0.0, "auction_seconds": 0.0}
-        self.step_seconds: list[float] = []  # distances + auction, per step
-        self.step_bids: list[int] = []  # bids per step (a point's bid in an opening round counts as one)
+        # one record per step: bids (a point's bid in an opening round counts as one), phases, seconds
+        self.steps: list[dict[str, float]] = []
+
+    def total(self, key: str) -> float:
+        """``key`` summed over the steps so far."""
+        return sum(step[key] for step in self.steps)
 
     @property
     def prices(self) -> np.ndarray:
@@ -185,11 +188,14 @@ class BalancedAssigner:
         self.last_assignment = held
         self.state_prices = prices
         self.last_centroids = centroids
-        self.totals["phases"] += len(schedule)
-        self.totals["distance_seconds"] += measured - started
-        self.totals["auction_seconds"] += time.perf_counter() - measured
-        self.step_seconds.append(time.perf_counter() - started)
-        self.step_bids.append(bids)
+        self.steps.append(
+            {
+                "bids": bids,
+                "phases": len(schedule),
+                "distance_seconds": measured - started,
+                "auction_seconds": time.perf_counter() - measured,
+            }
+        )
         if final:  # each row best first, by cost + price
             order = np.argsort(np.take_along_axis(dist, held, axis=1) + prices[held], axis=1, kind="stable")
             held = np.take_along_axis(held, order, axis=1)
@@ -278,14 +284,14 @@ def _lloyd(
         "size_max": int(sizes.max()),
         "tol": tol,
         "eps_relative": [e / (assigner.scale or 1.0) for e in eps_used],
-        "phases": assigner.totals["phases"],
-        "bids_per_slot_per_phase": sum(assigner.step_bids) / (x.shape[0] * top_k * assigner.totals["phases"]),
+        "phases": assigner.total("phases"),
+        "bids_per_slot_per_phase": assigner.total("bids") / (x.shape[0] * top_k * assigner.total("phases")),
         "gpu": assigner.distances.gpu,
         "seconds": time.perf_counter() - started,
-        "distance_seconds": assigner.totals["distance_seconds"],
-        "auction_seconds": assigner.totals["auction_seconds"],
+        "distance_seconds": assigner.total("distance_seconds"),
+        "auction_seconds": assigner.total("auction_seconds"),
         "update_seconds": update_seconds,
-        "step_seconds": assigner.step_seconds,
-        "bids_per_slot_by_step": [b / (x.shape[0] * top_k) for b in assigner.step_bids],
+        "step_seconds": [step["distance_seconds"] + step["auction_seconds"] for step in assigner.steps],
+        "bids_per_slot_by_step": [step["bids"] / (x.shape[0] * top_k) for step in assigner.steps],
     }
     return result, stats

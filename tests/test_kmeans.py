@@ -211,10 +211,10 @@ def test_points_still_happy_where_they_were_stay(kp, monkeypatch):
     centroids = x[np.random.default_rng(kp).choice(n, k, replace=False)]
     assigner = BalancedAssigner(x, k, top_k=kp, tol=1e-4)
     first, first_costs, _ = assigner.step(centroids, final=True)
-    cold_bids = sum(assigner.step_bids)
+    cold_bids = assigner.total("bids")
     stayed.clear()
     second, second_costs, _ = assigner.step(centroids, final=True)
-    warm_bids = assigner.step_bids[-1]
+    warm_bids = assigner.steps[-1]["bids"]
     assert abs(second_costs.sum() - first_costs.sum()) <= 1e-4 * first_costs.sum()  # both within tol
     assert np.ptp(np.bincount(second.reshape(-1), minlength=k)) <= 1
     if kp == 1:
