@@ -80,7 +80,7 @@ def _distill_identity(cfg: RunConfig, run: RunDir) -> tuple[dict[str, Any], dict
 def distill_one(cfg: RunConfig, run: RunDir, layer: str, fp: str, force: bool) -> dict[str, Any]:
     """One layer's gate-level router, unless ``run_distill`` would reuse one already there (as in the CLI,
     a layer finished in an interrupted attempt is kept even with ``force``: it was made with this config)."""
-    if (summary := distill.finished_layer(run, layer, fp)) is not None:
+    if (summary := distill.finished_layer(cfg, run, layer, fp)) is not None:
         return {"layer": layer, "reused": True, "summary": summary}
     reader = StatesReader(run.url_of(run.output_path("dump")), run.storage_options)
     model_config = load_config(cfg.model, resolve_model_path(cfg))

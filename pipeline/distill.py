@@ -175,9 +175,12 @@ def distill_identity(cfg: RunConfig, run: RunDir) -> tuple[dict[str, Any], dict[
     return config, inputs, fingerprint(config, inputs)
 
 
-def finished_layer(run: RunDir, layer: str, fp: str) -> dict[str, Any] | None:
+def finished_layer(cfg: RunConfig, run: RunDir, layer: str, fp: str) -> dict[str, Any] | None:
     """The summary of a layer's router already written in this attempt with this fingerprint (what
-    ``run_distill`` reuses), or None. A flow's per-layer task checks it before ``distill_one``."""
+    ``run_distill`` reuses), or None. A flow's per-layer task checks it before ``distill_one``.
+    With ``router.init: gate`` no gate-level router is ever written, so nothing is read."""
+    if cfg.router.init == "gate":
+        return None
     done = read_layer_meta(run, gate_path(run), layer)
     return done["summary"] if done is not None and done.get("fingerprint") == fp else None
 
@@ -193,7 +196,7 @@ def run_distill(*, cfg: RunConfig, run: RunDir, force: bool = False) -> Manifest
     reader = StatesReader(run.url_of(run.output_path("dump")), run.storage_options)
     summary = {}
     for layer in reader.layers:
-        if (done := finished_layer(run, layer, fp)) is not None:
+        if (done := finished_layer(cfg, run, layer, fp)) is not None:
             summary[layer] = done
             info(f"[bold]distill[/] {layer}: gate-level router reused (already done with this config)")
             continue
