@@ -9,8 +9,8 @@ Compared, from the same initial centroids and with the same number of iterations
   approximately balanced;
 * ``k-means-constrained`` (exact min-cost flow at every step: balanced Lloyd with exact
   assignments), against ours on the same rows: a strided 10k-row subsample and then the full data
-  by default (≈ 6 minutes here: its time grows faster than N, 6.5 s at 10k rows, 63 s at 50k; the
-  headline figures are from the last size), or the sizes given to ``--kmc-rows``;
+  by default (≈ 5.5 minutes here: its time grows faster than N, 6.5 s at 10k rows, 63 s at 50k; the
+  headline figures are from the largest size), or the sizes given to ``--kmc-rows``;
 * ours, top-1 and top-2.
 
 Prints one line per method, then one JSON line of figures: time ratios, size spread (max/min
