@@ -26,9 +26,9 @@ import torch
 os.environ.setdefault("LPR_DISTILL_QUIET", "1")
 
 from pipeline.config import build_config
-from pipeline.corpus import iter_documents, iter_packed, split_documents
-from pipeline.dump import batched, forward_base, pad_batch, run_dump
-from pipeline.models import load_model, resolve_model_path
+from pipeline.data.corpus import iter_documents, iter_packed, split_documents
+from pipeline.moe.loading import load_model, resolve_model_path
+from pipeline.stages.dump import batched, forward_base, pad_batch, run_dump
 from storage.rundir import RunDir
 
 

@@ -1,7 +1,7 @@
 """How far can any router of the model's own form get? The original gate, trained in the model like the LPR.
 
 The reference the LPR's frontier should be read against: each MoE layer's own linear gate (as a
-compact dot-product LPR, ``pipeline.replace.gate_routers``, so it starts exactly at the original gate
+compact dot-product LPR, ``pipeline.router.install.gate_routers``, so it starts exactly at the original gate
 and can represent anything ``original+bias`` can) trained by the distill stage's model-level phase,
 with the same config, data, balance settings and final in-model bias calibration as the LPR — then
 measured on the held-out documents like every variant. This is what ``router.init: gate`` distils,
@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.calibrate import calibrate_in_model, training_sequences
-from pipeline.cli_runs import resolve_config
-from pipeline.heldout import heldout_sequences, measure
-from pipeline.model_distill import distill_in_model
-from pipeline.models import find_routers, load_model, resolve_model_path
-from pipeline.replace import gate_routers, install_routers, swap_modules
+from pipeline.cli.runs import resolve_config
+from pipeline.evaluation.heldout import heldout_sequences, measure
+from pipeline.moe.loading import find_routers, load_model, resolve_model_path
+from pipeline.router.calibrate import calibrate_in_model, training_sequences
+from pipeline.router.install import gate_routers, install_routers, swap_modules
+from pipeline.training.model_level import distill_in_model
 from storage.rundir import RunDir
 
 

@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.cli_runs import resolve_config
-from pipeline.heldout import heldout_sequences, measure
-from pipeline.models import load_model, resolve_model_path
-from pipeline.report import interval_text
-from pipeline.variants import VariantSwitcher
+from pipeline.cli.runs import resolve_config
+from pipeline.evaluation.heldout import heldout_sequences, measure
+from pipeline.evaluation.report import interval_text
+from pipeline.evaluation.variants import VariantSwitcher
+from pipeline.moe.loading import load_model, resolve_model_path
 from storage.rundir import RunDir
 
 

@@ -21,7 +21,7 @@ average: on a machine shared with other processes FAISS's OpenMP threads lose fa
 mostly single-threaded auction (measured here: plain FAISS 1 s idle, 4–19 s at a load average of
 5–7), so the time ratios of a loaded run flatter us; ``--threads 1`` runs FAISS and our compiled
 loops on one thread each, which contention distorts much less. (Beside CPU FAISS our compiled loops
-always run on one thread: ``pipeline.kmeans.compiled_threads``.)
+always run on one thread: ``pipeline.clustering.kmeans.compiled_threads``.)
 Usage: ``python benchmarks/kmeans.py [--rows 200000] [--threads 1] [--kmc-rows 10000 0]``
 (``--kmc-rows 10000``: a quick run, k-means-constrained on 10k rows only).
 """
@@ -39,7 +39,7 @@ import numba
 import numpy as np
 from faiss.contrib.clustering import balanced_assignment_with_penalties
 
-from pipeline.kmeans import balanced_kmeans
+from pipeline.clustering.kmeans import balanced_kmeans
 
 
 def skewed_mixture(n: int, d: int, k: int, seed: int) -> np.ndarray:

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from transformers import AutoConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 
-from pipeline.distill import sinkhorn_balance
-from pipeline.router import LatentPrototypeRouter, spec_for
+from pipeline.router.lpr import LatentPrototypeRouter, spec_for
+from pipeline.training.objectives import sinkhorn_balance
 
 
 def timed(fn, x: torch.Tensor) -> float:

@@ -12,10 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import cluster, distill
 from pipeline.config import RunConfig
-from pipeline.models import load_config, resolve_model_path
-from pipeline.stages import previous_run
+from pipeline.moe.loading import load_config, resolve_model_path
+from pipeline.stages import cluster, distill
+from pipeline.stages.protocol import previous_run
 from storage.layer_files import read_layer_meta
 from storage.rundir import RunDir
 from storage.states import StatesReader

@@ -1,6 +1,6 @@
 """The ``lpr_distill`` flow: every registered stage in order, per-layer stages fanned out by layer.
 
-Stages come from ``pipeline.stage_registry.STAGE_FUNCTIONS`` (the CLI's list, so a stage added
+Stages come from ``pipeline.stages.registry.STAGE_FUNCTIONS`` (the CLI's list, so a stage added
 there is in the flow). A per-layer stage (``flows/layer_stages.py``) runs as plan → one task per
 layer on the configured task runner (threads or Dask) → commit by its own ``run_<stage>``; a
 sharded dump (``dump.shards`` > 1) runs as one task per shard on that runner → the merge; every
@@ -25,7 +25,7 @@ from flows.artifacts import publish
 from flows.layer_stages import LAYER_STAGES
 from flows.runners import task_runner
 from pipeline.config import RunConfig, build_config
-from pipeline.stage_registry import STAGE_FUNCTIONS
+from pipeline.stages.registry import STAGE_FUNCTIONS
 
 
 @flow(name="lpr-distill", flow_run_name="lpr-distill {run_dir}", log_prints=True)

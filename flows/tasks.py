@@ -18,9 +18,9 @@ from prefect.logging import get_run_logger
 
 from flows.layer_stages import LAYER_STAGES, plan_stage
 from pipeline.config import RunConfig, to_yaml
-from pipeline.dump_shards import ShardSpec, dump_up_to_date, run_dump_shard
 from pipeline.errors import LprError
-from pipeline.stage_registry import STAGE_FUNCTIONS
+from pipeline.stages.dump_shards import ShardSpec, dump_up_to_date, run_dump_shard
+from pipeline.stages.registry import STAGE_FUNCTIONS
 from storage.rundir import Manifest, RunDir
 
 

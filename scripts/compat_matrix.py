@@ -29,8 +29,8 @@ IDENTITY_BAR = 1e-5
 
 def check(family: str, root: Path, tokenizer, corpus: Path) -> dict:
     """Both checks on one family; a failure is recorded with its one-line reason, not raised."""
-    from pipeline.models import find_routers
-    from tests.tiny_families import check_end_to_end, check_identity, tiny_model
+    from pipeline.moe.loading import find_routers
+    from pipeline.testing.tiny_families import check_end_to_end, check_identity, tiny_model
 
     site = find_routers(tiny_model(family))[0]
     row = {"family": family, "router": f"{site.name.split('.', 3)[-1]} ({type(site.module).__name__})"}
@@ -62,7 +62,7 @@ def passed(row: dict) -> tuple[bool, bool, bool]:
 
 
 def render(rows: list[dict]) -> str:
-    from pipeline.families import FAMILIES, UNSUPPORTED
+    from pipeline.moe.families import FAMILIES, UNSUPPORTED
 
     mark = {True: "✓", False: "✗"}
     lines = [
@@ -115,8 +115,8 @@ def main() -> None:
     os.environ.setdefault("LPR_DISTILL_QUIET", "1")
     from transformers.utils import logging
 
-    from pipeline.families import FAMILIES
-    from tests.conftest import build_tiny_tokenizer, make_texts
+    from pipeline.moe.families import FAMILIES
+    from pipeline.testing.tiny_data import build_tiny_tokenizer, make_texts
 
     logging.set_verbosity_error()
     families = [f for f in args.families.split(",") if f] or sorted(FAMILIES)

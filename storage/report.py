@@ -10,7 +10,7 @@ import json
 import math
 from typing import Any
 
-from pipeline.errors import LprError
+from storage.errors import LprError
 from storage.rundir import RunDir
 
 

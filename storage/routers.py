@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pipeline.errors import LprError
+from storage.errors import LprError
 
 FORMAT = "lpr-distill-routers"
 FORMAT_VERSION = 1

@@ -28,7 +28,7 @@ from typing import Any
 import fsspec
 from pydantic import BaseModel, Field
 
-from pipeline.errors import LprError
+from storage.errors import LprError
 
 STAGE_OUTPUTS = {
     "dump": "states.zarr",

@@ -22,7 +22,7 @@ import posixpath
 import re
 from dataclasses import dataclass
 
-from pipeline.errors import LprError
+from storage.errors import LprError
 from storage.rundir import RunDir
 from storage.states import StatesReader
 

@@ -38,7 +38,7 @@ import zarr.codecs
 from zarr.core.sync import _get_loop as zarr_loop
 from zarr.core.sync import sync
 
-from pipeline.errors import LprError
+from storage.errors import LprError
 from storage.rundir import safe_name
 
 FORMAT_VERSION = 1

@@ -9,33 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.testing.tiny_data import build_tiny_tokenizer, make_texts
+
 os.environ.setdefault("LPR_DISTILL_QUIET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(1)
-
-_PHRASES = (
-    "def class return import yield lambda async await with open read write list dict tuple set",
-    "the router sends every token to the experts that fit it best and the load should stay even",
-    "prototype cluster balance expert layer hidden state gate softmax logits weights index",
-)
-WORDS = [word for phrase in _PHRASES for word in phrase.split()]
-
-
-def make_texts(n_docs: int, words_per_doc: int = 120, seed: int = 0) -> list[str]:
-    gen = torch.Generator().manual_seed(seed)
-    texts = []
-    for d in range(n_docs):
-        picks = torch.randint(0, len(WORDS), (words_per_doc,), generator=gen).tolist()
-        texts.append(f"document {d}: " + " ".join(WORDS[i] for i in picks) + ".\n")
-    return texts
-
-
-def build_tiny_tokenizer(texts: list[str]):
-    from pipeline.corpus import Document
-    from pipeline.demo_model import train_tokenizer
-
-    return train_tokenizer([Document(name=str(i), text=t) for i, t in enumerate(texts)], vocab_size=300)
 
 
 def save_tiny_moe(path: Path, family: str = "qwen3_moe", *, seed: int = 0, num_layers: int = 2) -> Path:
@@ -95,9 +74,9 @@ def tiny_run_config(model: Path, corpus: Path, **dump) -> dict:
 def clustered_run(path: Path, model: Path, corpus: Path, **sections: dict):
     """A run directory with its config saved (as the CLI does), dumped and clustered on the tiny
     model; ``sections`` add to the small cluster/router settings. Returns (cfg, run)."""
-    from pipeline.cluster import run_cluster
     from pipeline.config import build_config, to_yaml
-    from pipeline.dump import run_dump
+    from pipeline.stages.cluster import run_cluster
+    from pipeline.stages.dump import run_dump
     from storage.rundir import RunDir
 
     cfg = build_config(

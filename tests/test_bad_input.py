@@ -29,7 +29,7 @@ import zarr
 
 from pipeline import cli, load_lpr_model
 from pipeline.errors import LprError
-from pipeline.families import FAMILIES
+from pipeline.moe.families import FAMILIES
 from storage.rundir import STAGES
 from tests.conftest import save_tiny_moe, tiny_run_config
 
@@ -121,7 +121,7 @@ def config_file(tmp_path_factory, tiny_model, tiny_corpus) -> Path:
 def dumped(tmp_path_factory, config_file) -> Path:
     """A run directory with a complete dump of the tiny model (2,048 rows, chunks of 256)."""
     from pipeline.config import build_config, to_yaml
-    from pipeline.dump import run_dump
+    from pipeline.stages.dump import run_dump
     from storage.rundir import RunDir
 
     cfg = build_config(yaml.safe_load(config_file.read_text()))

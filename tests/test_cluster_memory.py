@@ -19,7 +19,7 @@ HIDDEN, EXPERTS, TOP_K = 512, 16, 2
 
 MEASURE = """
 import json, resource, sys
-from pipeline.cluster import cluster_layer
+from pipeline.stages.cluster import cluster_layer
 from pipeline.config import build_config
 from storage.rundir import RunDir
 cfg = build_config({"cluster": {"latent_dim": 16, "iterations": 3, "sample_rows": 8192, "pca_rows": 4096,

@@ -9,10 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.cluster import run_cluster, sample_ranges
+from pipeline.clustering.sampling import sample_ranges
 from pipeline.config import build_config
-from pipeline.dump import run_dump
 from pipeline.errors import LprError
+from pipeline.stages.cluster import run_cluster
+from pipeline.stages.dump import run_dump
 from storage.prototypes import read_layer
 from storage.rundir import RunDir
 from storage.states import StatesReader

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import CorpusConfig
-from pipeline.corpus import (
+from pipeline.data.corpus import (
     Document,
     describe_corpus,
     is_heldout,
@@ -18,7 +18,7 @@ from pipeline.corpus import (
     split_documents,
 )
 from pipeline.errors import LprError
-from tests.conftest import build_tiny_tokenizer, make_texts
+from pipeline.testing.tiny_data import build_tiny_tokenizer, make_texts
 
 TEXTS = make_texts(6, words_per_doc=20, seed=3)
 
@@ -131,7 +131,7 @@ def test_packing_keeps_every_token_in_order():
 
 
 def test_demo_corpus_is_deterministic_and_mixed():
-    from pipeline.demo_corpus import demo_documents
+    from pipeline.demo.corpus import demo_documents
 
     a = demo_documents(max_chars=300_000)
     b = demo_documents(max_chars=300_000)

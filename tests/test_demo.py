@@ -11,7 +11,7 @@ import torch
 
 from pipeline import cli
 from pipeline.config import DemoConfig
-from pipeline.demo_model import REPORT_NAME, demo_model_dir, ensure_demo_model, per_layer_switch_loss
+from pipeline.demo.model import REPORT_NAME, demo_model_dir, ensure_demo_model, per_layer_switch_loss
 
 pytestmark = pytest.mark.slow
 
@@ -86,7 +86,7 @@ def test_demo_command_dumps_every_layer(tmp_path, monkeypatch, capsys):
 
 
 def test_balance_weight_schedule():
-    from pipeline.demo_model import balance_weight
+    from pipeline.demo.model import balance_weight
 
     cfg = DemoConfig(train_steps=100, balance_coef=0.005, balance_coef_start=0.02)
     assert balance_weight(cfg, 0) == pytest.approx(0.02)

@@ -13,9 +13,9 @@ import pytest
 
 from pipeline import cli
 from pipeline.config import RunConfig
-from pipeline.corpus import iter_documents, iter_packed, split_documents
-from pipeline.demo_model import REPORT_NAME, ensure_demo_model
-from pipeline.models import find_routers, load_model
+from pipeline.data.corpus import iter_documents, iter_packed, split_documents
+from pipeline.demo.model import REPORT_NAME, ensure_demo_model
+from pipeline.moe.loading import find_routers, load_model
 from storage.states import LAYER_ARRAYS, StatesReader
 
 pytestmark = [pytest.mark.demo, pytest.mark.slow]

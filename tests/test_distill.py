@@ -6,14 +6,17 @@ import pytest
 import torch
 
 from pipeline import load_lpr_model
+from pipeline.cli.status import run_status
 from pipeline.config import build_config
-from pipeline.distill import run_distill, sinkhorn_balance, split_chunks, teacher_target
 from pipeline.errors import LprError
-from pipeline.export import distilled_routers, run_export
-from pipeline.models import find_routers, load_model
-from pipeline.replace import gate_routers
-from pipeline.status import run_status
-from pipeline.variants import VARIANTS
+from pipeline.evaluation.variants import VARIANTS
+from pipeline.moe.loading import find_routers, load_model
+from pipeline.router.install import gate_routers
+from pipeline.router.load import distilled_routers
+from pipeline.stages.distill import run_distill
+from pipeline.stages.export import run_export
+from pipeline.training.gate_level import split_chunks
+from pipeline.training.objectives import sinkhorn_balance, teacher_target
 from storage.routers_store import read_layer_router
 from storage.rundir import RunDir
 from tests.conftest import clustered_run, tiny_run_config
@@ -125,7 +128,7 @@ def test_distill_needs_prototypes(tmp_path, tiny_model, tiny_corpus):
 
 
 def test_sequence_balance_loss_is_zero_only_for_balanced_sequences():
-    from pipeline.model_distill import sequence_balance_loss
+    from pipeline.training.model_level import sequence_balance_loss
 
     balanced = torch.log(torch.eye(4).repeat(2, 1) * 0.9 + 0.025)  # 2 sequences of 4 tokens, one per expert
     assert float(sequence_balance_loss(balanced, 2, 50)) < 1e-4
@@ -138,11 +141,11 @@ def test_sequence_balance_loss_is_zero_only_for_balanced_sequences():
 
 
 def test_model_level_trains_routers_only_and_calibrates_in_the_model(distilled, tiny_model):
-    from pipeline.calibrate import router_logits
     from pipeline.config import DistillConfig
-    from pipeline.model_distill import distill_in_model
-    from pipeline.models import load_model
-    from pipeline.replace import install_routers
+    from pipeline.moe.loading import load_model
+    from pipeline.router.calibrate import router_logits
+    from pipeline.router.install import install_routers
+    from pipeline.training.model_level import distill_in_model
 
     cfg, run, manifest = distilled
     model_level = manifest.stats["model_level"]
@@ -177,8 +180,8 @@ def test_model_level_trains_under_the_calibrated_bias(distilled, tiny_model):
     """With calibration sequences the routers route with a calibrated bias from the first step: the
     step-0 evaluation on those same sequences is balanced, while without them the routers route unbiased."""
     from pipeline.config import DistillConfig
-    from pipeline.model_distill import distill_in_model
-    from pipeline.models import load_model
+    from pipeline.moe.loading import load_model
+    from pipeline.training.model_level import distill_in_model
 
     cfg, run, _ = distilled
     model, _ = load_model(cfg.model, str(tiny_model))
@@ -191,7 +194,7 @@ def test_model_level_trains_under_the_calibrated_bias(distilled, tiny_model):
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 20, 600])
 def test_warmup_cosine_schedule_works_for_any_number_of_steps(steps):
-    from pipeline.distill import warmup_cosine
+    from pipeline.training.objectives import warmup_cosine
 
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.AdamW([parameter], lr=2.0)
@@ -222,7 +225,7 @@ def test_distill_refuses_states_of_another_model(distilled, tmp_path, tiny_model
 
 
 def test_next_token_gap_is_the_cross_entropy_difference_on_the_next_tokens():
-    from pipeline.model_distill import next_token_gap, next_token_log_probs
+    from pipeline.training.model_level import next_token_gap, next_token_log_probs
 
     gen = torch.Generator().manual_seed(0)
     teacher, student = torch.randn(2, 5, 7, generator=gen), torch.randn(2, 5, 7, generator=gen)
@@ -240,8 +243,8 @@ def test_next_token_gap_is_the_cross_entropy_difference_on_the_next_tokens():
 def test_model_data_ce_changes_the_fidelity_term(distilled, tiny_model):
     """distill.model_data_ce = 0 is the KL alone; 1 is the next-token loss gap, another number on the same routers."""
     from pipeline.config import DistillConfig
-    from pipeline.model_distill import distill_in_model
-    from pipeline.models import load_model
+    from pipeline.moe.loading import load_model
+    from pipeline.training.model_level import distill_in_model
 
     cfg, run, _ = distilled
     model, _ = load_model(cfg.model, str(tiny_model))

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from pipeline.config import build_config
-from pipeline.corpus import iter_documents, iter_packed, split_documents
-from pipeline.dump import run_dump
-from pipeline.models import find_routers, load_model
+from pipeline.data.corpus import iter_documents, iter_packed, split_documents
+from pipeline.moe.loading import find_routers, load_model
+from pipeline.stages.dump import run_dump
 from storage.rundir import RunDir
 from storage.states import StatesReader
 from tests.conftest import tiny_run_config

@@ -20,12 +20,12 @@ import pytest
 import yaml
 import zarr
 
+from pipeline.cli.status import run_status
 from pipeline.config import build_config
-from pipeline.dump import run_dump
-from pipeline.dump_merge import batch_bounds
-from pipeline.dump_shards import ShardSpec, run_dump_shard
 from pipeline.errors import LprError
-from pipeline.status import run_status
+from pipeline.stages.dump import run_dump
+from pipeline.stages.dump_merge import batch_bounds
+from pipeline.stages.dump_shards import ShardSpec, run_dump_shard
 from storage.rundir import RunDir
 from storage.shards import SHARDS_DIR, shard_states
 from storage.states import LAYER_ARRAYS, SHARED_ARRAYS, StatesReader

@@ -14,8 +14,9 @@ from transformers import AutoModelForCausalLM
 
 from pipeline import load_lpr_model
 from pipeline.errors import LprError
-from pipeline.export import build_init_routers, export_routers
-from pipeline.models import find_routers
+from pipeline.moe.loading import find_routers
+from pipeline.router.from_clusters import build_init_routers
+from pipeline.stages.export import export_routers
 from tests.conftest import clustered_run, save_tiny_moe
 
 

@@ -13,11 +13,11 @@ import torch
 from transformers import AutoConfig
 
 from pipeline.errors import LprError
-from pipeline.families import FAMILIES, UNSUPPORTED, as_triple, family_of
-from pipeline.models import find_routers
-from pipeline.replace import identity_routers, install_routers
-from tests.conftest import build_tiny_tokenizer, make_texts
-from tests.tiny_families import check_end_to_end, check_identity, router_input, tiny_model
+from pipeline.moe.families import FAMILIES, UNSUPPORTED, as_triple, family_of
+from pipeline.moe.loading import find_routers
+from pipeline.router.install import identity_routers, install_routers
+from pipeline.testing.tiny_data import build_tiny_tokenizer, make_texts
+from pipeline.testing.tiny_families import check_end_to_end, check_identity, router_input, tiny_model
 
 ALL = sorted(FAMILIES)
 REQUIRED = {  # the families the product must support (issue 8)
@@ -87,7 +87,7 @@ def test_end_to_end(family, tmp_path, tokenizer, tiny_corpus):
 @pytest.mark.slow
 def test_end_to_end_on_a_full_llama4_checkpoint(tmp_path, tokenizer, tiny_corpus):
     """Released Llama 4 checkpoints are composite (text + vision): the pipeline runs on their text model."""
-    from tests.tiny_families import save_tiny_llama4_checkpoint
+    from pipeline.testing.tiny_families import save_tiny_llama4_checkpoint
 
     checkpoint = save_tiny_llama4_checkpoint(tmp_path / "model", tokenizer)
     assert AutoConfig.from_pretrained(checkpoint).model_type == "llama4"
@@ -155,8 +155,8 @@ def test_routers_for_another_weight_convention_are_refused(tmp_path):
 def test_composite_configs_resolve_to_their_text_model():
     """A full Llama 4 checkpoint's config is composite (model_type llama4); AutoModelForCausalLM loads
     its text model, so the family and router spec come from the text config."""
-    from pipeline.router import spec_for
-    from tests.tiny_families import tiny_config
+    from pipeline.router.lpr import spec_for
+    from pipeline.testing.tiny_families import tiny_config
 
     text = tiny_config("llama4_text")
     composite = AutoConfig.for_model("llama4", text_config=text.to_dict())
@@ -166,8 +166,8 @@ def test_composite_configs_resolve_to_their_text_model():
 
 
 def test_per_layer_lists_are_one_value_or_a_clear_error():
-    from pipeline.router import spec_for
-    from tests.tiny_families import tiny_config
+    from pipeline.router.lpr import spec_for
+    from pipeline.testing.tiny_families import tiny_config
 
     same = tiny_config("hunyuan_v1_moe", moe_topk=[2, 2])
     assert (spec_for(same, latent_dim=4).num_experts, spec_for(same, latent_dim=4).top_k) == (8, 2)
@@ -179,8 +179,8 @@ def test_per_layer_lists_are_one_value_or_a_clear_error():
 @pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3", "hunyuan_v1_moe", "llama4_text"])
 def test_identity_router_from_the_router_module(family):
     """identity_router(router module, spec) reads the gate weight and the router's own biases."""
-    from pipeline.router import identity_router, spec_for
-    from tests.tiny_families import perturb_gates
+    from pipeline.router.lpr import identity_router, spec_for
+    from pipeline.testing.tiny_families import perturb_gates
 
     model = tiny_model(family, seed=4)
     perturb_gates(model, family)
@@ -205,7 +205,7 @@ def test_lm_eval_scores_a_hybrid_family_without_a_kv_cache(tokenizer):
     breaks on the KV cache that call would build. evaluate_tasks scores it without one and puts the
     config back as it was."""
     pytest.importorskip("lm_eval")
-    from pipeline.downstream import evaluate_tasks
+    from pipeline.evaluation.downstream import evaluate_tasks
 
     model = tiny_model("nemotron_h")
     assert model.config.use_cache

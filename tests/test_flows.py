@@ -136,7 +136,7 @@ def _comparable(value: Any) -> Any:
 def assert_same_run(a, b, *, own_stats: tuple[str, ...] = ()) -> None:
     """Two run directories hold the same manifests and per-layer outputs: tensors bitwise, JSON up to timings
     (and up to the stats of the stages in ``own_stats``, which the two runs did differently)."""
-    from pipeline.stage_registry import STAGE_FUNCTIONS
+    from pipeline.stages.registry import STAGE_FUNCTIONS
 
     for stage in STAGE_FUNCTIONS:
         ma, mb = a.read_manifest(stage), b.read_manifest(stage)
@@ -209,7 +209,7 @@ def _trigger(deployment_id, log: Path):
 
 
 def test_served_demo_deployment_runs_every_stage_then_skips(served, server):
-    from pipeline.stage_registry import STAGE_FUNCTIONS
+    from pipeline.stages.registry import STAGE_FUNCTIONS
     from storage.rundir import RunDir
     from storage.states import StatesReader
 
@@ -339,7 +339,7 @@ def cli_run(tmp_path_factory, tiny_model, tiny_corpus):
 
 
 def _stages():
-    from pipeline.stage_registry import STAGE_FUNCTIONS
+    from pipeline.stages.registry import STAGE_FUNCTIONS
 
     return STAGE_FUNCTIONS
 
@@ -477,7 +477,7 @@ def test_run_directory_on_s3_gives_the_local_report(server, s3, flow_run, tiny_m
 def test_failing_layer_fails_its_task_and_a_rerun_resumes(server, flow_run, tmp_path, tiny_model, tiny_corpus):
     """A real fault: layer_001's prototype file cannot be written (a directory is in the way)."""
     from flows.lpr_flow import lpr_distill
-    from pipeline.status import run_status
+    from pipeline.cli.status import run_status
     from storage.rundir import RunDir
 
     run = RunDir(str(tmp_path / "run"))

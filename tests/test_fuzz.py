@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import RunConfig, apply_overrides, build_config, parse_override, parse_yaml, read_yaml
-from pipeline.corpus import describe_corpus, iter_documents
+from pipeline.data.corpus import describe_corpus, iter_documents
 from pipeline.errors import LprError
 
 FUZZ = settings(

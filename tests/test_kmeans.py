@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment, linprog
 
+from pipeline.clustering.kmeans import BalancedAssigner, balanced_assign, balanced_kmeans, update_centroids
 from pipeline.errors import LprError
-from pipeline.kmeans import BalancedAssigner, balanced_assign, balanced_kmeans, update_centroids
 
 
 def _points(n: int, d: int, seed: int) -> np.ndarray:
@@ -177,7 +177,7 @@ def test_a_phase_left_unhappy_is_not_silent(monkeypatch):
     (the result may then be above the stated tolerance). Here every phase is made to look unsettled."""
     import warnings
 
-    import pipeline.auction as auction_module
+    import pipeline.clustering.auction as auction_module
 
     x = _points(98, 3, 0)
     with warnings.catch_warnings():
@@ -195,7 +195,7 @@ def test_points_still_happy_where_they_were_stay(kp, monkeypatch):
     in its clusters, so every point keeps them in the opening round — what makes late Lloyd steps
     cheap — and the assignment is as good (top-1: the same). Top-1: (nearly) nobody bids one at a time afterwards.
     (Top-k: the few points that lose an extra slot can start a long price war at so small an ε.)"""
-    import pipeline.auction as auction_module
+    import pipeline.clustering.auction as auction_module
 
     stayed: list[int] = []
     stay_round = auction_module.stay_round

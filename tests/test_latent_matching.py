@@ -7,9 +7,9 @@ import pytest
 import torch
 from sklearn.decomposition import PCA
 
+from pipeline.clustering.matching import match_clusters
+from pipeline.clustering.pca import fit_basis
 from pipeline.errors import LprError
-from pipeline.latent import fit_basis
-from pipeline.matching import match_clusters
 
 
 def test_basis_equals_sklearn_pca_over_blocks():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.metrics import (
+from pipeline.evaluation.metrics import (
     average_layers,
     balance_figures,
     busiest_share,

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig, build_config
-from pipeline.dump import run_dump
 from pipeline.errors import LprError
-from pipeline.families import FAMILIES
-from pipeline.models import find_routers, load_model, model_identity
+from pipeline.moe.families import FAMILIES
+from pipeline.moe.loading import find_routers, load_model, model_identity
+from pipeline.stages.dump import run_dump
 from storage.rundir import RunDir
 from storage.states import StatesReader
 from tests.conftest import save_tiny_moe, tiny_run_config

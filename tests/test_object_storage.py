@@ -7,9 +7,9 @@ import socket
 import numpy as np
 import pytest
 
+from pipeline.cli.status import run_status
 from pipeline.config import build_config
-from pipeline.dump import run_dump
-from pipeline.status import run_status
+from pipeline.stages.dump import run_dump
 from storage.rundir import RunDir
 from storage.states import StatesReader
 from tests.conftest import tiny_run_config

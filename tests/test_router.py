@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipeline.models import find_routers
-from pipeline.replace import install_routers
-from pipeline.router import LatentPrototypeRouter, RouterSpec, identity_router, spec_for
+from pipeline.moe.loading import find_routers
+from pipeline.router.install import install_routers
+from pipeline.router.lpr import LatentPrototypeRouter, RouterSpec, identity_router, spec_for
 from tests.conftest import save_tiny_moe
 
 FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"]
@@ -83,9 +83,9 @@ def test_every_similarity_gives_valid_routing(similarity):
 def test_bias_calibration_balances_choice_rules_the_auction_does_not_model(family):
     """Group-limited top-k (DeepSeek, GLM) and sparsemixer (PhiMoE) are not a top-k of score + bias, so the
     auction's prices alone leave them uneven ([57, 83] slots on a tiny DeepSeek-V3 before the refinement)."""
-    from pipeline.init_routers import calibrate_bias
-    from pipeline.router import spec_for
-    from tests.tiny_families import tiny_config
+    from pipeline.router.from_clusters import calibrate_bias
+    from pipeline.router.lpr import spec_for
+    from pipeline.testing.tiny_families import tiny_config
 
     config = tiny_config(family, n_group=4, topk_group=2) if family == "deepseek_v3" else tiny_config(family)
     spec = spec_for(config, latent_dim=16, similarity="dot")

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from pipeline.config import DistillConfig, build_config
-from pipeline.distill import run_distill
 from pipeline.errors import LprError
-from pipeline.heldout import heldout_sequences, measure
-from pipeline.models import find_routers, load_model
-from pipeline.report import frontier_dominance, interpolate_ce, pick_winner
-from pipeline.validate import run_validate
-from pipeline.variants import VARIANTS, VariantSwitcher, check_fit
+from pipeline.evaluation.heldout import heldout_sequences, measure
+from pipeline.evaluation.report import frontier_dominance, interpolate_ce, pick_winner
+from pipeline.evaluation.variants import VARIANTS, VariantSwitcher, check_fit
+from pipeline.moe.loading import find_routers, load_model
+from pipeline.stages.distill import run_distill
+from pipeline.stages.validate import run_validate
 from storage.report import read_report
 from storage.rundir import RunDir
 from tests.conftest import clustered_run, save_tiny_moe, tiny_run_config
@@ -59,7 +59,7 @@ def test_report_holds_every_variant_and_metric(validated):
     assert run.is_complete("validate")
     report = read_report(run)
     assert list(report["variants"]) == ["original", "original+bias", "lpr-init", "lpr"]
-    from pipeline.status import run_status
+    from pipeline.cli.status import run_status
 
     details = run_status(run)["stages"]["validate"]["details"]
     winner = report["winner"]["name"]
@@ -135,7 +135,7 @@ def test_variant_switcher_restores_the_original_gates(distilled):
 
 
 def test_heldout_sequences_are_from_heldout_documents(tiny_model, tiny_corpus):
-    from pipeline.corpus import is_heldout, iter_documents
+    from pipeline.data.corpus import is_heldout, iter_documents
 
     cfg = build_config(tiny_run_config(tiny_model, tiny_corpus))
     _, tokenizer = load_model(cfg.model, cfg.model.path)
@@ -233,7 +233,7 @@ def choice_loglikelihoods(model, tokenizer, context: str, choices: list[str], ma
 def test_local_task_runs_through_lm_eval(distilled):
     """The shipped task through the real harness, on the in-memory model with LPR routers in place:
     lm-eval's accuracy equals our own scoring of the same items with the same model."""
-    from pipeline.downstream import evaluate_tasks, local_tasks
+    from pipeline.evaluation.downstream import evaluate_tasks, local_tasks
 
     cfg, run = distilled
     model, tokenizer = load_model(cfg.model, cfg.model.path)
@@ -254,7 +254,7 @@ def test_local_task_runs_through_lm_eval(distilled):
 
 @pytest.mark.slow
 def test_unknown_lm_eval_task_is_a_one_line_error(distilled):
-    from pipeline.downstream import evaluate_tasks
+    from pipeline.evaluation.downstream import evaluate_tasks
 
     cfg, _ = distilled
     model, tokenizer = load_model(cfg.model, cfg.model.path)
@@ -264,7 +264,7 @@ def test_unknown_lm_eval_task_is_a_one_line_error(distilled):
 
 @pytest.mark.slow
 def test_sweep_distils_each_setting_apart_and_feeds_the_report(distilled):
-    from pipeline.sweep import run_sweep, setting_run
+    from pipeline.stages.sweep import run_sweep, setting_run
 
     cfg, run = distilled
     before = {stage: run.read_manifest(stage).fingerprint for stage in ("dump", "cluster", "distill")}

@@ -1,0 +1,3 @@
+"""Corpora: reading documents from files, JSONL, Parquet or ``datasets``; the train/held-out split; packing into
+sequences.
+"""
