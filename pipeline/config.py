@@ -40,8 +40,8 @@ class CorpusConfig(_Section):
     text_field: str = "text"  # JSONL field / Parquet or dataset column holding the text
     heldout_fraction: float = Field(0.1, gt=0, lt=1)  # documents kept out of dump/distill for validation
     seq_len: int = Field(256, ge=8)  # tokens per packed sequence
-    # size of the demo corpus when source is "demo"; null: all of it (≈ 14 M characters, ~4,000 documents
-    # on CPython 3.11), so that validation measures ~400 held-out documents (README, "Validation")
+    # size of the demo corpus in characters when source is "demo"; null: all of it (a few thousand documents,
+    # so that validation measures a few hundred held-out ones)
     demo_max_chars: int | None = Field(None, ge=1_000)
 
 
@@ -75,7 +75,7 @@ class RouterConfig(_Section):
 
     # where distillation starts: "clusters" (the LPR of the paper: PCA encoder, balanced centroids, then the
     # gate-level phase) or "gate" (the model's own gate as a compact dot-product LPR, distilled in the model
-    # only; `similarity` applies to cluster-initialised routers and LPR-init). Measured: README, "router.init".
+    # only; `similarity` applies to cluster-initialised routers and LPR-init). Compared in docs/results.md.
     init: Literal["clusters", "gate"] = "clusters"
     similarity: Literal["cosine", "dot", "gaussian", "mahalanobis"] = "cosine"
     calibration_rows: int = Field(262_144, ge=16)  # rows (whole chunks, many documents) for bias and temperature;
@@ -104,8 +104,7 @@ class DistillConfig(_Section):
     model_batch_sequences: int = Field(8, ge=1)
     model_lr: float = Field(2e-3, gt=0)
     model_candidates: int = Field(2, ge=0)  # runner-up experts per token given straight-through weights
-    # weight of the data's own next-token loss in the fidelity term, beside the KL (0: KL only). Measured on the
-    # demo (one run per balance 0.25/0.5/0.75): 0.5 costs 0.16–0.18 points of held-out CE less at about the same Gini
+    # weight of the data's own next-token loss in the fidelity term, beside the KL (0: KL only)
     model_data_ce: float = Field(0.0, ge=0, le=1)
     model_val_sequences: int = Field(32, ge=1)  # training-side sequences kept out for early stopping
     model_eval_every: int = Field(50, ge=1)
@@ -114,8 +113,8 @@ class DistillConfig(_Section):
     model_calibrate_every: int = Field(25, ge=0)
     model_calibration_sequences: int = Field(64, ge=1)  # the first this many calibration sequences, while training
     # the final choice-bias calibration in the model (training-side documents, never the held-out ones); the
-    # bias balances these exactly, so their own document mix is what it imprints on unseen text: held-out Gini
-    # of the demo's LPR 0.041–0.048 with 256, 0.030 with 1,024, 0.024–0.028 with 2,048 (README, "Validation")
+    # bias balances these exactly, so their own document mix is what it imprints on unseen text: more
+    # sequences (more documents) give a bias that holds better on held-out text (docs/method.md)
     calibration_sequences: int = Field(2048, ge=1)
 
 
@@ -123,7 +122,7 @@ class ValidateConfig(_Section):
     """The validate stage: every routing variant in the same model, on held-out documents → ``report/``."""
 
     variants: list[str] = ["original", "original+bias", "lpr-init", "lpr"]  # names in pipeline/variants.py
-    sequences: int = Field(2048, ge=1)  # held-out sequences of corpus.seq_len tokens for loss and load (demo: 1,642)
+    sequences: int = Field(2048, ge=1)  # held-out sequences of corpus.seq_len tokens for loss and load (at most)
     batch_size: int = Field(16, ge=1)  # sequences per forward pass (also the batch that overflow is counted on)
     capacity_factors: list[float] = [1.0, 1.25]  # expert capacity as a multiple of the mean load (overflow)
     devices: list[int] = [2, 4, 8]  # expert-parallel device counts (balancedness)

@@ -22,12 +22,7 @@ Arrays grow geometrically; ``finish`` trims them to the committed count.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
-import os
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +30,6 @@ import numpy as np
 import torch
 import zarr
 import zarr.codecs
-from zarr.core.sync import _get_loop as zarr_loop
 from zarr.core.sync import sync
 
 from storage.errors import LprError
@@ -85,29 +79,6 @@ def _open_group(url: str, mode: str, storage_options: dict[str, Any] | None) -> 
         raise LprError(f"no states store at {url}", "run `lpr-distill dump RUN_DIR` first") from None
     except PermissionError:
         raise LprError(f"cannot write the states store at {url}", "check the run directory's permissions") from None
-
-
-IO_NICENESS = 10  # CPU priority of the threads that write the store (higher = lower priority)
-
-
-def lower_thread_priority() -> None:
-    """Lower the calling thread's CPU priority (Linux; elsewhere a no-op).
-
-    The dump writes while the model computes. On a CPU machine every core runs the forward pass,
-    and a writer thread that preempts one of torch's worker threads stalls the whole parallel op;
-    at low priority the writes fill the gaps instead (measured on 2 cores: dump/forward ratio
-    0.91 → 0.95, paired runs).
-    """
-    with contextlib.suppress(AttributeError, OSError):  # no setpriority on this platform, or not allowed
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), IO_NICENESS)
-
-
-@functools.cache
-def lower_zarr_io_priority() -> None:
-    """Run zarr's I/O event loop and the threads that write its files at low priority (once per process)."""
-    loop = zarr_loop()
-    loop.call_soon_threadsafe(lower_thread_priority)
-    loop.set_default_executor(ThreadPoolExecutor(initializer=lower_thread_priority, thread_name_prefix="zarr-write"))
 
 
 async def _gather_settled(*awaitables: Any, timeout: float = 60.0) -> list[Any]:

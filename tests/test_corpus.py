@@ -146,7 +146,7 @@ def test_demo_corpus_is_deterministic_and_mixed():
 
 def test_sampled_draws_are_disjoint_and_the_first_ignores_the_later_counts(tmp_path):
     """The calibration sequences are drawn first: a larger training budget after them must not change
-    them (it did before session 9, and the bias baseline moved with distill.model_steps)."""
+    them (otherwise the bias baseline would move with distill.model_steps)."""
     texts = make_texts(40, words_per_doc=30, seed=5)
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     cfg = CorpusConfig(source=str(tmp_path / "c.jsonl"), seq_len=16, heldout_fraction=0.1)

@@ -13,7 +13,8 @@ import torch
 from transformers import AutoConfig
 
 from pipeline.errors import LprError
-from pipeline.moe.families import FAMILIES, UNSUPPORTED, as_triple, family_of
+from pipeline.moe.capture import as_triple
+from pipeline.moe.families import FAMILIES, UNSUPPORTED, family_of
 from pipeline.moe.loading import find_routers
 from pipeline.router.install import identity_routers, install_routers
 from pipeline.testing.tiny_data import build_tiny_tokenizer, make_texts

@@ -330,7 +330,7 @@ def test_deploy_command_creates_a_cron_deployment_a_pool_worker_runs(server, tmp
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory, tiny_model, tiny_corpus):
     """The reference: every stage through the CLI's own loop (`lpr-distill run`)."""
-    from pipeline.cli import _run_stages
+    from pipeline.cli.runs import _run_stages
     from storage.rundir import RunDir
 
     run = RunDir(str(tmp_path_factory.mktemp("cli") / "run"))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from pipeline.errors import LprError
@@ -341,22 +340,4 @@ def family_of(config: Any) -> str:
     raise LprError(
         f"model type '{model_type}' is a dense model with no MoE layer to distil",
         f"point --model at a Mixture-of-Experts checkpoint (supported families: {_supported()})",
-    )
-
-
-def as_triple(output: Any, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A router's output as (logits [T, E], weights [T, k], indices [T, k]), whatever its family returns.
-
-    Llama 4 returns (dense scores [T, E], logits [T, E]): the chosen experts are the top-k logits and
-    their weights are the scores there.
-    """
-    if isinstance(output, tuple) and len(output) == 3:
-        return output
-    if isinstance(output, tuple) and len(output) == 2:
-        scores, logits = output
-        indices = logits.reshape(-1, logits.shape[-1]).topk(top_k, dim=-1).indices
-        return logits, scores.reshape(-1, scores.shape[-1]).gather(-1, indices), indices
-    raise LprError(
-        f"a router returned {type(output).__name__}, not (logits, weights, indices)",
-        f"this MoE family's router does not follow the transformers 5 contract (supported: {_supported()})",
     )

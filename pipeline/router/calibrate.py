@@ -38,8 +38,8 @@ class TrainingSequences:
 def training_sequences(cfg: RunConfig, tokenizer) -> TrainingSequences:
     """The same draw for every caller with the same config (seeded), so the bias baseline is
     calibrated on exactly the sequences the LPR routers are calibrated on. The calibration and
-    validation sequences are drawn first and do not depend on ``distill.model_steps`` (before
-    session 9 they did, and the bias baseline's held-out Gini moved 0.062 → 0.068 with the budget)."""
+    validation sequences are drawn first and do not depend on ``distill.model_steps`` (otherwise
+    the bias baseline would move with the distillation budget)."""
     d = cfg.distill
     held_apart = d.calibration_sequences + d.model_val_sequences
     apart, train = sample_sequences(

@@ -1,7 +1,7 @@
 """Dump stage: run the model over the train split and record what every router sees and decides.
 
 A forward hook on each router records its input ``x`` and its output triple (logits, top-k
-weights, top-k indices; ``pipeline.moe.families.as_triple`` for a family that returns another
+weights, top-k indices; ``pipeline.moe.capture.as_triple`` for a family that returns another
 shape); padding rows are dropped before anything is stored. Batches go to a background writer
 thread so the forward pass of batch i+1 overlaps the write of batch i. The store commits its
 row count after each batch; a rerun with the same fingerprint resumes at the first uncommitted
@@ -12,8 +12,6 @@ writes the same rows).
 from __future__ import annotations
 
 import itertools
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -33,101 +31,22 @@ from pipeline.data.corpus import (
     split_documents,
 )
 from pipeline.errors import LprError
-from pipeline.moe.families import FAMILIES, as_triple
+from pipeline.moe.capture import RouterCapture
+from pipeline.moe.families import FAMILIES
 from pipeline.moe.loading import RouterSite, find_routers, load_config, load_model, model_identity, resolve_model_path
 from pipeline.progress import Bar, info, progress_bar
 from pipeline.stages.dump_merge import merge_shards
 from pipeline.stages.protocol import build_manifest, previous_run
+from storage.background import BackgroundWriter
 from storage.rundir import Manifest, RunDir, fingerprint
 from storage.shards import remove_all_shards, remove_tree
 from storage.states import (
     StatesReader,
     StatesWriter,
     StoreLayout,
-    lower_thread_priority,
-    lower_zarr_io_priority,
 )
 
 STAGE = "dump"
-
-
-class RouterCapture:
-    """Forward hooks on every router; ``take(mask)`` returns what the last forward pass routed.
-
-    Each record: x (T, H), logits (T, E), topk_w (T, k), topk_idx (T, k), still on the model's
-    device, restricted to the non-padding rows of the flattened batch.
-    """
-
-    def __init__(self, sites: list[RouterSite], x_dtype: torch.dtype) -> None:
-        self.sites = sites
-        self.x_dtype = x_dtype  # x is cast to its storage dtype at once, on the model's device: half the bytes to keep
-        self._records: list[tuple[torch.Tensor, ...] | None] = [None] * len(sites)
-        self._handles = [site.module.register_forward_hook(self._hook(i)) for i, site in enumerate(sites)]
-
-    def _hook(self, index: int):
-        def record(module: nn.Module, args: tuple, output: Any) -> None:
-            # x is the first positional argument (some blocks pass a choice bias as the second);
-            # Llama 4's (dense scores, logits) becomes the common (logits, weights, indices)
-            self._records[index] = (args[0], *as_triple(output, int(getattr(module, "top_k", 0))))
-
-        return record
-
-    def take(self, mask: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        out = []
-        rows = None if bool(mask.all()) else mask.nonzero().squeeze(1)  # no copy when nothing is padding
-        for site, record in zip(self.sites, self._records, strict=True):
-            if record is None:
-                raise LprError(f"router {site.name} was not called in the forward pass", "this model is not supported")
-            x, logits, weights, indices = (t.reshape(-1, t.shape[-1]).detach() for t in record)
-            if rows is not None:
-                keep = rows.to(x.device)
-                x, logits, weights, indices = (t.index_select(0, keep) for t in (x, logits, weights, indices))
-            out.append({"x": x.to(self.x_dtype), "logits": logits, "topk_w": weights, "topk_idx": indices})
-        self._records = [None] * len(self.sites)
-        return out
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-
-class BackgroundWriter:
-    """Runs ``StatesWriter.append`` on a thread; at most ``depth`` batches wait in memory."""
-
-    def __init__(self, writer: StatesWriter, depth: int = 2) -> None:
-        self.writer = writer
-        lower_zarr_io_priority()
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="states-writer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        lower_thread_priority()
-        while (item := self._queue.get()) is not None:
-            if self._error is None:
-                try:
-                    self.writer.append(*item)
-                except BaseException as err:  # re-raised in the caller's thread
-                    self._error = err
-
-    def put(self, shared: dict[str, np.ndarray], layers: list[dict[str, torch.Tensor]], n_seqs: int) -> None:
-        self._raise()
-        self._queue.put((shared, layers, n_seqs))
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        self._raise()
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            err, self._error = self._error, None
-            if isinstance(err, OSError):
-                raise LprError(
-                    f"writing the states store failed ({err.strerror or err})", "free disk space or check permissions"
-                ) from err
-            raise err
 
 
 def pad_batch(seqs: list[PackedSequence], pad_id: int) -> dict[str, torch.Tensor]:

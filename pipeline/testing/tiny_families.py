@@ -221,7 +221,7 @@ def check_end_to_end(
 
     from pipeline import load_lpr_model
     from pipeline.config import build_config, to_yaml
-    from pipeline.moe.families import as_triple
+    from pipeline.moe.capture import as_triple
     from pipeline.moe.loading import find_routers
     from pipeline.router.lpr import LatentPrototypeRouter
     from pipeline.stages.cluster import run_cluster

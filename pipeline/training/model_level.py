@@ -26,7 +26,7 @@ from torch import nn
 
 from pipeline.config import DistillConfig
 from pipeline.evaluation.metrics import gini
-from pipeline.moe.families import as_triple
+from pipeline.moe.capture import as_triple
 from pipeline.moe.loading import find_routers
 from pipeline.progress import progress_bar
 from pipeline.router.calibrate import calibrate_in_model
