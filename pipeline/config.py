@@ -38,6 +38,16 @@ class CorpusConfig(_Section):
     source: str = "demo"  # "demo", a file, a folder, a URL, a saved datasets dataset, or "hf:NAME"
     format: Literal["auto", "demo", "text", "jsonl", "parquet", "datasets"] = "auto"
     text_field: str = "text"  # JSONL field / Parquet or dataset column holding the text
+    # a folder: read only files with these extensions (".py", ".txt"; "" for none); null: every file that is text
+    suffixes: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _suffixes_are_extensions(self) -> CorpusConfig:
+        bad = [s for s in self.suffixes or [] if s and not (s.startswith(".") and "/" not in s)]
+        if bad:
+            raise ValueError(f"corpus.suffixes {bad} are not file extensions: write them as '.py' ('' for none)")
+        return self
+
     heldout_fraction: float = Field(0.1, gt=0, lt=1)  # documents kept out of dump/distill for validation
     seq_len: int = Field(256, ge=8)  # tokens per packed sequence
     # size of the demo corpus in characters when source is "demo"; null: all of it (a few thousand documents,

@@ -8,7 +8,7 @@ Layout (local path or fsspec URL)::
       prototypes/            cluster
       routers/               distill
       report/                validate
-      export/                export
+      lpr/                   export (or the directory its manifest names)
       manifests/<stage>.json written last: a stage is complete iff its manifest and output exist
 
 A stage writes into ``<output>.partial``; ``commit`` removes the manifest's predecessor, renames
@@ -35,7 +35,7 @@ STAGE_OUTPUTS = {
     "cluster": "prototypes",
     "distill": "routers",
     "validate": "report",
-    "export": "export",
+    "export": "lpr",  # its manifest records the directory written (``--out`` may lie outside the run directory)
 }
 STAGES = tuple(STAGE_OUTPUTS)
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -160,7 +160,16 @@ class RunDir:
             return None  # a damaged manifest means "not complete"
 
     def is_complete(self, stage: str) -> bool:
-        return self.read_manifest(stage) is not None and self.fs.exists(self.output_path(stage))
+        manifest = self.read_manifest(stage)
+        return manifest is not None and self.output_exists(stage, manifest)
+
+    def output_exists(self, stage: str, manifest: Manifest) -> bool:
+        """Whether the output a manifest describes is there: its recorded local directory (an export
+        with ``--out``), else the stage's place in the run directory."""
+        directory = manifest.outputs.get("directory")
+        if directory is not None:
+            return fsspec.filesystem("file").exists(directory)
+        return self.fs.exists(self.output_path(stage))
 
     def matching_manifest(self, stage: str, fp: str) -> Manifest | None:
         """The manifest of a complete earlier run of ``stage`` with the same fingerprint, if any."""
@@ -191,6 +200,13 @@ class RunDir:
         for key in self.fs.find(source):
             self.fs.copy(key, target + key[len(source) :])
         self.fs.rm(source, recursive=True)
+
+    def output_bytes(self, stage: str, manifest: Manifest) -> int:
+        directory = manifest.outputs.get("directory")
+        if directory is not None:
+            local = fsspec.filesystem("file")
+            return int(local.du(directory, total=True)) if local.exists(directory) else 0
+        return self.size_bytes(self.output_path(stage))
 
     def size_bytes(self, path: str) -> int:
         if not self.fs.exists(path):

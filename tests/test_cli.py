@@ -143,3 +143,26 @@ def test_run_command_runs_every_stage(monkeypatch, capsys, tmp_path, tiny_model,
     _, out, _ = invoke(monkeypatch, capsys, "status", "runs/nightly", "--json")
     stages = json.loads(out)["stages"]
     assert stages["dump"]["complete"] and stages["dump"]["states"]["rows"] == 150
+
+
+def test_dump_reads_a_folder_of_extensionless_text_and_one_of_source_code(monkeypatch, capsys, tmp_path, tiny_model):
+    """`lpr-distill dump RUN --model M --corpus DIR` on licence-like files without an extension and on
+    a folder of .py files: both are read, every training-side document lands in the states."""
+    from pipeline.data.documents import is_heldout
+    from pipeline.testing.tiny_data import make_texts
+
+    licences, code = tmp_path / "licences", tmp_path / "code"
+    licences.mkdir()
+    code.mkdir()
+    for i, text in enumerate(make_texts(12, words_per_doc=60)):
+        (licences / f"LICENSE-{i}").write_text(text)
+        (code / f"module_{i}.py").write_text(f"def f{i}():\n    return {text!r}\n")
+    for corpus in (licences, code):
+        run = tmp_path / f"run-{corpus.name}"
+        status, _, err = invoke(
+            monkeypatch, capsys, "dump", str(run), "--model", str(tiny_model), "--corpus", str(corpus)
+        )
+        assert status == 0, err
+        train = [p.name for p in corpus.iterdir() if not is_heldout(p.name, 0.1)]
+        stats = json.loads((run / "manifests" / "dump.json").read_text())["stats"]
+        assert stats["documents_in_rows"] == len(train) > 0

@@ -164,3 +164,44 @@ def test_sampled_draws_are_disjoint_and_the_first_ignores_the_later_counts(tmp_p
     assert sample_sequences(cfg, tokenizer, counts=(40, 0), minimum=40, seed=7)[1].shape == (0, 16)
     with pytest.raises(LprError, match="at least 100000 are needed"):
         sample_sequences(cfg, tokenizer, counts=(40, 30), minimum=100_000, seed=7)
+
+
+def test_a_folder_reads_text_files_whatever_their_name(tmp_path):
+    """Licence texts without an extension, source code, a nested folder: every text file is a document;
+    binary files, hidden folders and data files are skipped."""
+    (tmp_path / "GPL-3").write_text(TEXTS[0])
+    (tmp_path / "Apache-2.0").write_text(TEXTS[1])
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "tool.py").write_text("def main():\n    return 1\n")
+    (tmp_path / "src" / "lib.rs").write_text("fn main() {}\n")
+    (tmp_path / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")
+    (tmp_path / "blob").write_bytes(bytes(range(256)))
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "a row"}) + "\n")
+    names = [doc.name for doc in load(tmp_path)]
+    assert names == ["Apache-2.0", "GPL-3", "src/lib.rs", "src/tool.py"]
+    assert [doc.name for doc in load(tmp_path, suffixes=[".py"])] == ["src/tool.py"]
+    assert [doc.name for doc in load(tmp_path, suffixes=[""])] == ["GPL-3"]  # "Apache-2.0" ends in ".0"
+
+
+def test_a_folder_with_no_text_names_what_it_skipped_and_the_setting(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"\x89PNG\0\0")
+    (tmp_path / "b.png").write_bytes(b"\x89PNG\0\1")
+    (tmp_path / "notes.c").write_text("int x;\n")
+    with pytest.raises(
+        LprError, match=r"has no text: 3 files seen, skipped: 3 not in corpus.suffixes \(.png ×2, .c ×1\)"
+    ):
+        describe_corpus(CorpusConfig(source=str(tmp_path), suffixes=[".py"]))
+    (tmp_path / "notes.c").unlink()
+    with pytest.raises(LprError, match=r"2 files seen, skipped: 2 not text \(.png ×2\).*corpus.suffixes"):
+        describe_corpus(CorpusConfig(source=str(tmp_path)))
+    with pytest.raises(ValueError, match="not file extensions"):
+        CorpusConfig(source=str(tmp_path), suffixes=["py"])
+
+
+def test_a_text_named_file_that_is_not_utf8_is_an_error_in_a_folder(tmp_path):
+    (tmp_path / "ok").write_text(TEXTS[0])
+    (tmp_path / "bad.py").write_bytes("caf\xe9 = 1".encode("latin-1"))
+    with pytest.raises(LprError, match=r"bad\.py is not UTF-8"):
+        load(tmp_path)

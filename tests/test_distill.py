@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -83,6 +88,21 @@ def test_distilled_routers_export_and_load(distilled, tmp_path, tiny_model):
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
     with torch.no_grad():
         assert torch.isfinite(model(ids, labels=ids).loss)
+
+
+def test_export_writes_its_manifest_and_status_says_so(distilled, tmp_path):
+    """`lpr-distill status RUN --json` after `export` says export is complete and where it went; once
+    that directory is gone it no longer does."""
+    cfg, run, _ = distilled
+    out = run_export(cfg=cfg, run=run, out=tmp_path / "exported")
+    status = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "status", run.url, "--json"], capture_output=True, text=True, check=True
+    )
+    export = json.loads(status.stdout)["stages"]["export"]
+    assert export["complete"] and export["bytes"] > 0
+    assert str(out.resolve()) in export["details"]
+    shutil.rmtree(out)
+    assert not run_status(run)["stages"]["export"]["complete"]
 
 
 @pytest.mark.slow

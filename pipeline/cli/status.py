@@ -62,6 +62,10 @@ def _validate_details(stats: dict[str, Any]) -> str:
     return text
 
 
+def _export_details(manifest_outputs: dict[str, Any]) -> str:
+    return f"{manifest_outputs.get('routers', 0)} routers → {manifest_outputs.get('directory', '')}"
+
+
 _DETAILS = {"cluster": _cluster_details, "distill": _distill_details, "validate": _validate_details}
 
 
@@ -78,7 +82,7 @@ def run_status(run: RunDir) -> dict[str, Any]:
             entry |= {
                 "finished_at": manifest.finished_at,
                 "seconds": manifest.seconds,
-                "bytes": run.size_bytes(run.output_path(stage)),
+                "bytes": run.output_bytes(stage, manifest),
             }
         elif run.fs.exists(run.partial_path(stage)):
             entry |= {"partial": True, "bytes": run.size_bytes(run.partial_path(stage))}
@@ -91,5 +95,7 @@ def run_status(run: RunDir) -> dict[str, Any]:
                 entry["details"] = f"{rows:,} rows × {layers} layers" + ("" if complete else " committed so far")
         if complete and manifest is not None and stage in _DETAILS:
             entry["details"] = _DETAILS[stage](manifest.stats)
+        if complete and manifest is not None and stage == "export":
+            entry["details"] = _export_details(manifest.outputs)
         stages[stage] = entry
     return {"run_dir": run.url, "stages": stages}

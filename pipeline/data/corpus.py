@@ -12,8 +12,9 @@ import hashlib
 import itertools
 import json
 import posixpath
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import fsspec
@@ -25,7 +26,93 @@ from pipeline.errors import LprError
 if TYPE_CHECKING:
     from pipeline.config import CorpusConfig
 
-TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
+# Files a folder corpus reads as text whatever they hold: one that is not UTF-8 is an error, not skipped.
+TEXT_SUFFIXES = frozenset(
+    [
+        ".txt",
+        ".text",
+        ".md",
+        ".rst",
+        ".adoc",
+        ".org",
+        ".tex",
+        ".py",
+        ".pyi",
+        ".ipynb",
+        ".c",
+        ".h",
+        ".cc",
+        ".cpp",
+        ".cxx",
+        ".hh",
+        ".hpp",
+        ".cu",
+        ".rs",
+        ".go",
+        ".java",
+        ".kt",
+        ".scala",
+        ".swift",
+        ".m",
+        ".mm",
+        ".js",
+        ".mjs",
+        ".ts",
+        ".tsx",
+        ".jsx",
+        ".rb",
+        ".php",
+        ".pl",
+        ".lua",
+        ".r",
+        ".jl",
+        ".hs",
+        ".ml",
+        ".ex",
+        ".exs",
+        ".erl",
+        ".clj",
+        ".sh",
+        ".bash",
+        ".zsh",
+        ".ps1",
+        ".sql",
+        ".html",
+        ".htm",
+        ".css",
+        ".scss",
+        ".xml",
+        ".yaml",
+        ".yml",
+        ".toml",
+        ".ini",
+        ".cfg",
+        ".conf",
+        ".csv",
+        ".tsv",
+    ]
+)
+# Data files hold many documents each: read one with --corpus FILE (its rows become documents), never as one text.
+DATA_SUFFIXES = frozenset({".jsonl", ".json", ".parquet", ".arrow"})
+_SNIFF_BYTES = 8192
+
+
+@dataclass
+class FolderScan:
+    """What reading a folder corpus saw: files in all, and those skipped by reason and extension."""
+
+    files: int = 0
+    skipped: dict[str, Counter] = field(default_factory=dict)  # reason → extension → count
+
+    def skip(self, reason: str, path: str) -> None:
+        self.skipped.setdefault(reason, Counter())[posixpath.splitext(path)[1].lower() or "no extension"] += 1
+
+    def describe(self) -> str:
+        parts = [
+            f"{sum(kinds.values())} {reason} ({', '.join(f'{ext} ×{n}' for ext, n in kinds.most_common(4))})"
+            for reason, kinds in self.skipped.items()
+        ]
+        return f"{self.files} files seen" + (f", skipped: {'; '.join(parts)}" if parts else "")
 
 
 def _decode(raw: bytes, where: str) -> str:
@@ -44,13 +131,57 @@ def _name(path: str) -> str:
     return posixpath.basename(path.rstrip("/"))
 
 
-def _read_text(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[Document]:
-    folder = fs.isdir(path)
-    files = sorted(p for p in fs.find(path) if p.endswith(tuple(TEXT_SUFFIXES))) if folder else [path]
-    for file in files:
+def _hidden(relative: str) -> bool:
+    return any(part.startswith(".") for part in relative.split("/"))
+
+
+def _folder_text(raw: bytes, file: str) -> str | None:
+    """A folder file's text, or None when it is not text. A file named as text (``TEXT_SUFFIXES``) must
+    decode; any other is sniffed: no NUL byte and valid UTF-8."""
+    if posixpath.splitext(file)[1].lower() in TEXT_SUFFIXES:
+        return _decode(raw, file)
+    if b"\0" in raw[:_SNIFF_BYTES]:
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _read_text(
+    fs: fsspec.AbstractFileSystem, path: str, suffixes: frozenset[str] | None = None, scan: FolderScan | None = None
+) -> Iterator[Document]:
+    """One document per file: the file itself, or every text file of a folder (hidden ones aside).
+
+    In a folder, ``suffixes`` (``corpus.suffixes``; ``""`` for files without one) restricts which
+    files are read; unset, every file that is text is read, whatever its name.
+    """
+    if not fs.isdir(path):
+        with fs.open(path, "rb") as handle:
+            yield Document(name=_name(path), text=_decode(handle.read(), path))
+        return
+    scan = scan if scan is not None else FolderScan()
+    root = path.rstrip("/")
+    for file in sorted(fs.find(path)):
+        relative = posixpath.relpath(file, root)
+        if _hidden(relative):
+            continue
+        scan.files += 1
+        suffix = posixpath.splitext(file)[1].lower()
+        if suffixes is not None and suffix not in suffixes:
+            scan.skip("not in corpus.suffixes", file)
+            continue
+        if suffixes is None and suffix in DATA_SUFFIXES:
+            scan.skip("data files (pass one as --corpus FILE to read its rows)", file)
+            continue
         with fs.open(file, "rb") as handle:
-            name = posixpath.relpath(file, path.rstrip("/")) if folder else _name(file)
-            yield Document(name=name, text=_decode(handle.read(), file))
+            text = _folder_text(handle.read(), file)
+        if text is None:
+            scan.skip("not text", file)
+        elif not text.strip():
+            scan.skip("empty", file)
+        else:
+            yield Document(name=relative, text=text)
 
 
 def _read_jsonl(fs: fsspec.AbstractFileSystem, path: str, field: str) -> Iterator[Document]:
@@ -165,11 +296,11 @@ def detect_format(source: str) -> str:
     return "text"
 
 
-def iter_documents(cfg: CorpusConfig) -> Iterator[tuple[int, Document]]:
+def iter_documents(cfg: CorpusConfig, scan: FolderScan | None = None) -> Iterator[tuple[int, Document]]:
     """``(corpus index, document)`` for every non-empty document of the source, streamed in a stable order.
 
     Streaming keeps memory flat for corpora larger than RAM; ``describe_corpus`` makes one full
-    pass first to check the corpus and hash it.
+    pass first to check the corpus and hash it. ``scan`` collects what a folder corpus skipped.
     """
     fmt = detect_format(cfg.source) if cfg.format == "auto" else cfg.format
     if fmt == "demo":
@@ -181,7 +312,8 @@ def iter_documents(cfg: CorpusConfig) -> Iterator[tuple[int, Document]]:
     else:
         fs, path = _existing(cfg.source)
         readers = {"text": _read_text, "jsonl": _read_jsonl, "parquet": _read_parquet}
-        docs = readers[fmt](fs, path) if fmt == "text" else readers[fmt](fs, path, cfg.text_field)
+        suffixes = frozenset(s.lower() for s in cfg.suffixes) if cfg.suffixes is not None else None
+        docs = readers[fmt](fs, path, suffixes, scan) if fmt == "text" else readers[fmt](fs, path, cfg.text_field)
     yield from enumerate(d for d in docs if d.text.strip())
 
 
@@ -197,11 +329,18 @@ def describe_corpus(cfg: CorpusConfig) -> CorpusSummary:
     """One streaming pass: count and hash the documents; raise if there is no text or no train split."""
     digest = hashlib.sha256()
     counts = {True: 0, False: 0}
-    for index, doc in iter_documents(cfg):
+    scan = FolderScan()
+    for index, doc in iter_documents(cfg, scan):
         digest.update(f"{index}\0{doc.name}\0".encode())
         digest.update(doc.text.encode())
         counts[is_heldout(doc.name, cfg.heldout_fraction)] += 1
     summary = CorpusSummary(digest.hexdigest()[:16], counts[True] + counts[False], counts[False], counts[True])
+    if summary.documents == 0 and scan.files:
+        raise LprError(
+            f"corpus {cfg.source} has no text: {scan.describe()}",
+            "point --corpus at text files, or set corpus.suffixes to the extensions to read "
+            '(e.g. --set \'corpus.suffixes=[.py, .txt, ""]\'; "" for files without one)',
+        )
     if summary.documents == 0:
         raise LprError(f"corpus {cfg.source} has no text", "point --corpus at files or rows that contain text")
     if summary.train_documents == 0:

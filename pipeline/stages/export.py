@@ -1,4 +1,6 @@
-"""Export routers to a directory that loads into the model with one call, and ``load_lpr_model``."""
+"""The export stage: router weights, their config and a card, in a directory that ``load_lpr_model`` puts
+into the model with one call. Exporting the distilled routers writes the stage's manifest (the
+recorded directory may lie outside the run directory, with ``--out``)."""
 
 from __future__ import annotations
 
@@ -14,10 +16,12 @@ from pipeline.router.from_clusters import build_init_routers
 from pipeline.router.load import distilled_routers
 from pipeline.router.lpr import LatentPrototypeRouter
 from pipeline.router.provenance import distilled_from
-from pipeline.stages.protocol import check_states_model
+from pipeline.stages.protocol import build_manifest, check_states_model
 from pipeline.version import __version__
 from storage.routers import write_routers
 from storage.rundir import RunDir
+
+STAGE = "export"
 
 CARD = """# LPR routers for {model}
 
@@ -26,6 +30,7 @@ top-{top_k}), made by lpr-distill {version} on {date}, starting from {init}. Sim
 dimension {latent_dim}.
 
 ```python
+from pipeline import load_lpr_model
 model = load_lpr_model("{model_path}", "{out}")
 ```
 
@@ -76,10 +81,22 @@ def export_routers(
 
 
 def run_export(*, cfg: RunConfig, run: RunDir, out: str | Path) -> Path:
-    """Export the distilled routers to ``out``."""
+    """Export the distilled routers to ``out``, then write the export manifest (last)."""
+    started = time.time()
     check_states_model(cfg, run)
     routers, metrics = distilled_routers(run)
     path = export_routers(routers, out, cfg=cfg, kind="lpr", metrics=metrics)
+    distill = run.read_manifest("distill")
+    manifest = build_manifest(
+        stage=STAGE,
+        config={"model": cfg.model.model_dump(mode="json")},
+        inputs={"distill": distill.fingerprint if distill else None},
+        outputs={"directory": str(Path(path).resolve()), "routers": len(routers), "kind": "lpr"},
+        stats={"layers": metrics},
+        started=started,
+    )
+    run.ensure()
+    run.write_text(run.manifest_path(STAGE), manifest.model_dump_json(indent=2))
     info(f"[bold]export[/]: {len(routers)} distilled LPR routers → {path}")
     return path
 
