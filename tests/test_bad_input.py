@@ -483,3 +483,17 @@ def test_one_line_from_a_real_process(tmp_path, tiny_corpus):
     debug = [args[0], "-m", "pipeline.cli", "--debug", *args[3:], "--corpus", str(tiny_corpus)]
     result = subprocess.run(debug, capture_output=True, text=True, env=env)
     assert result.returncode != 0 and "Traceback" in result.stderr and "LprError" in result.stderr
+
+
+def test_a_missing_extra_is_named_verbatim(monkeypatch, capsys, run_copy):
+    """Without matplotlib, validate names the extra that brings it, brackets and all (the terminal's
+    markup once swallowed "[eval]" and printed `pip install -e "."`)."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    fails_with(
+        monkeypatch,
+        capsys,
+        run_copy,
+        ["validate", str(run_copy), "--set", "validate.variants=[original]", "--set", "validate.tasks=[]"],
+        "matplotlib is not installed (the report's plots need it). Install the eval extra: "
+        'pip install -e ".[eval]".',
+    )

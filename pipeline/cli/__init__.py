@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 from pipeline.cli import stage_commands, support_commands  # registers the commands on the app
 from pipeline.cli.app import _state, app
@@ -25,7 +26,7 @@ def run() -> None:
     except LprError as err:
         if _state["debug"]:
             raise
-        Console(stderr=True).print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         Console(stderr=True).print("[red]interrupted[/] — rerun the same command to resume")
@@ -41,11 +42,11 @@ def run() -> None:
         if _state["debug"]:
             raise
         if (mapped := storage_error(err)) is not None:  # a full disk or an unwritable path, however wrapped
-            Console(stderr=True).print(f"[red]error:[/] {mapped}", highlight=False, soft_wrap=True)
+            Console(stderr=True).print(f"[red]error:[/] {escape(str(mapped))}", highlight=False, soft_wrap=True)
             sys.exit(2)
         first = str(err).splitlines()[0] if str(err) else ""
         Console(stderr=True).print(
-            f"[red]error:[/] {type(err).__name__}: {first}. Rerun with --debug for the traceback.",
+            f"[red]error:[/] {type(err).__name__}: {escape(first)}. Rerun with --debug for the traceback.",
             highlight=False,
             soft_wrap=True,
         )

@@ -31,7 +31,7 @@ def require_lm_eval() -> None:
     except ImportError:
         raise LprError(
             "lm-eval is not installed (validate.tasks names downstream tasks)",
-            'pip install -e ".[eval]", or set validate.tasks to [] to skip downstream tasks',
+            'install the eval extra (pip install -e ".[eval]"), or set validate.tasks to [] to skip downstream tasks',
         ) from None
 
 
