@@ -35,11 +35,14 @@ class ModelConfig(_Section):
 class CorpusConfig(_Section):
     """Where the text comes from and how it is cut into model inputs."""
 
-    source: str = "demo"  # "demo", a file, a folder, a URL, a saved datasets dataset, or "hf:NAME"
+    # "demo" (or one kind of it: "demo:topic", "demo:doc", "demo:code"), a file, a folder, a URL, a saved
+    # datasets dataset, or "hf:NAME"
+    source: str = "demo"
     format: Literal["auto", "demo", "text", "jsonl", "parquet", "datasets"] = "auto"
     text_field: str = "text"  # JSONL field / Parquet or dataset column holding the text
     # a folder: read only files with these extensions (".py", ".txt"; "" for none); null: every file that is text
     suffixes: list[str] | None = None
+    include: list[str] | None = None  # a folder: read only these files (paths relative to it); null: all
 
     @model_validator(mode="after")
     def _suffixes_are_extensions(self) -> CorpusConfig:

@@ -1,6 +1,6 @@
 """Regenerate the compatibility matrix in README.md from the family checks the tests run.
 
-For every family in ``pipeline/families.py`` this runs, on a tiny random model (hidden 64, 8
+For every family in ``pipeline/moe/families.py`` this runs, on a tiny random model (hidden 64, 8
 experts, top-2), the same two checks as ``tests/test_families.py``: the identity-configured LPR
 against the original model's logits, and dump → cluster → distill → export → ``load_lpr_model``
 end to end. It then rewrites the README section between the ``compat-matrix`` markers (nothing
@@ -97,7 +97,7 @@ def render(rows: list[dict]) -> str:
     lines += [
         "",
         f"{ok} of {len(rows)} families pass every check. Any other model type is a one-line error naming the",
-        "supported families; adding a family is one `Family` entry in `pipeline/families.py`.",
+        "supported families; adding a family is one `Family` entry in `pipeline/moe/families.py`.",
         "",
         END,
     ]

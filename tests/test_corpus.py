@@ -167,8 +167,8 @@ def test_sampled_draws_are_disjoint_and_the_first_ignores_the_later_counts(tmp_p
 
 
 def test_a_folder_reads_text_files_whatever_their_name(tmp_path):
-    """Licence texts without an extension, source code, a nested folder: every text file is a document;
-    binary files, hidden folders and data files are skipped."""
+    """Licence texts without an extension, source code, a nested folder: every text file is a document,
+    every row of a JSONL file too; binary files and hidden folders are skipped."""
     (tmp_path / "GPL-3").write_text(TEXTS[0])
     (tmp_path / "Apache-2.0").write_text(TEXTS[1])
     (tmp_path / "src").mkdir()
@@ -180,7 +180,8 @@ def test_a_folder_reads_text_files_whatever_their_name(tmp_path):
     (tmp_path / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
     (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "a row"}) + "\n")
     names = [doc.name for doc in load(tmp_path)]
-    assert names == ["Apache-2.0", "GPL-3", "src/lib.rs", "src/tool.py"]
+    assert names == ["Apache-2.0", "GPL-3", "rows.jsonl:1", "src/lib.rs", "src/tool.py"]
+    assert [doc.name for doc in load(tmp_path, include=["GPL-3", "src/tool.py"])] == ["GPL-3", "src/tool.py"]
     assert [doc.name for doc in load(tmp_path, suffixes=[".py"])] == ["src/tool.py"]
     assert [doc.name for doc in load(tmp_path, suffixes=[""])] == ["GPL-3"]  # "Apache-2.0" ends in ".0"
 
@@ -205,3 +206,12 @@ def test_a_text_named_file_that_is_not_utf8_is_an_error_in_a_folder(tmp_path):
     (tmp_path / "bad.py").write_bytes("caf\xe9 = 1".encode("latin-1"))
     with pytest.raises(LprError, match=r"bad\.py is not UTF-8"):
         load(tmp_path)
+
+
+def test_one_kind_of_the_demo_corpus_keeps_its_names_and_split():
+    doc = load("demo:doc", demo_max_chars=200_000)
+    everything = load("demo", demo_max_chars=200_000)
+    assert doc and all(d.name.startswith("doc:") for d in doc)
+    assert doc == [d for d in everything if d.name.startswith("doc:")]
+    with pytest.raises(LprError, match="no documents of kind 'prose'"):
+        load("demo:prose")

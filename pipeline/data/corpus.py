@@ -10,267 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
-import posixpath
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import fsspec
 import numpy as np
 
 from pipeline.data.documents import Document, PackedSequence, is_heldout, split_documents
+from pipeline.data.readers import FolderScan, read_dataset, read_jsonl, read_parquet, read_text
 from pipeline.errors import LprError
 
 if TYPE_CHECKING:
     from pipeline.config import CorpusConfig
-
-# Files a folder corpus reads as text whatever they hold: one that is not UTF-8 is an error, not skipped.
-TEXT_SUFFIXES = frozenset(
-    [
-        ".txt",
-        ".text",
-        ".md",
-        ".rst",
-        ".adoc",
-        ".org",
-        ".tex",
-        ".py",
-        ".pyi",
-        ".ipynb",
-        ".c",
-        ".h",
-        ".cc",
-        ".cpp",
-        ".cxx",
-        ".hh",
-        ".hpp",
-        ".cu",
-        ".rs",
-        ".go",
-        ".java",
-        ".kt",
-        ".scala",
-        ".swift",
-        ".m",
-        ".mm",
-        ".js",
-        ".mjs",
-        ".ts",
-        ".tsx",
-        ".jsx",
-        ".rb",
-        ".php",
-        ".pl",
-        ".lua",
-        ".r",
-        ".jl",
-        ".hs",
-        ".ml",
-        ".ex",
-        ".exs",
-        ".erl",
-        ".clj",
-        ".sh",
-        ".bash",
-        ".zsh",
-        ".ps1",
-        ".sql",
-        ".html",
-        ".htm",
-        ".css",
-        ".scss",
-        ".xml",
-        ".yaml",
-        ".yml",
-        ".toml",
-        ".ini",
-        ".cfg",
-        ".conf",
-        ".csv",
-        ".tsv",
-    ]
-)
-# Data files hold many documents each: read one with --corpus FILE (its rows become documents), never as one text.
-DATA_SUFFIXES = frozenset({".jsonl", ".json", ".parquet", ".arrow"})
-_SNIFF_BYTES = 8192
-
-
-@dataclass
-class FolderScan:
-    """What reading a folder corpus saw: files in all, and those skipped by reason and extension."""
-
-    files: int = 0
-    skipped: dict[str, Counter] = field(default_factory=dict)  # reason → extension → count
-
-    def skip(self, reason: str, path: str) -> None:
-        self.skipped.setdefault(reason, Counter())[posixpath.splitext(path)[1].lower() or "no extension"] += 1
-
-    def describe(self) -> str:
-        parts = [
-            f"{sum(kinds.values())} {reason} ({', '.join(f'{ext} ×{n}' for ext, n in kinds.most_common(4))})"
-            for reason, kinds in self.skipped.items()
-        ]
-        return f"{self.files} files seen" + (f", skipped: {'; '.join(parts)}" if parts else "")
-
-
-def _decode(raw: bytes, where: str) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise LprError(
-            f"corpus file {where} is not UTF-8 text (byte {err.start})",
-            "convert it to UTF-8 or remove it from the corpus",
-        ) from None
-
-
-def _name(path: str) -> str:
-    """A corpus file's name in document names: where the corpus lives (a mount, a bucket) must not
-    move documents between the train and held-out sides."""
-    return posixpath.basename(path.rstrip("/"))
-
-
-def _hidden(relative: str) -> bool:
-    return any(part.startswith(".") for part in relative.split("/"))
-
-
-def _folder_text(raw: bytes, file: str) -> str | None:
-    """A folder file's text, or None when it is not text. A file named as text (``TEXT_SUFFIXES``) must
-    decode; any other is sniffed: no NUL byte and valid UTF-8."""
-    if posixpath.splitext(file)[1].lower() in TEXT_SUFFIXES:
-        return _decode(raw, file)
-    if b"\0" in raw[:_SNIFF_BYTES]:
-        return None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-
-
-def _read_text(
-    fs: fsspec.AbstractFileSystem, path: str, suffixes: frozenset[str] | None = None, scan: FolderScan | None = None
-) -> Iterator[Document]:
-    """One document per file: the file itself, or every text file of a folder (hidden ones aside).
-
-    In a folder, ``suffixes`` (``corpus.suffixes``; ``""`` for files without one) restricts which
-    files are read; unset, every file that is text is read, whatever its name.
-    """
-    if not fs.isdir(path):
-        with fs.open(path, "rb") as handle:
-            yield Document(name=_name(path), text=_decode(handle.read(), path))
-        return
-    scan = scan if scan is not None else FolderScan()
-    root = path.rstrip("/")
-    for file in sorted(fs.find(path)):
-        relative = posixpath.relpath(file, root)
-        if _hidden(relative):
-            continue
-        scan.files += 1
-        suffix = posixpath.splitext(file)[1].lower()
-        if suffixes is not None and suffix not in suffixes:
-            scan.skip("not in corpus.suffixes", file)
-            continue
-        if suffixes is None and suffix in DATA_SUFFIXES:
-            scan.skip("data files (pass one as --corpus FILE to read its rows)", file)
-            continue
-        with fs.open(file, "rb") as handle:
-            text = _folder_text(handle.read(), file)
-        if text is None:
-            scan.skip("not text", file)
-        elif not text.strip():
-            scan.skip("empty", file)
-        else:
-            yield Document(name=relative, text=text)
-
-
-def _read_jsonl(fs: fsspec.AbstractFileSystem, path: str, field: str) -> Iterator[Document]:
-    with fs.open(path, "rb") as handle:
-        for lineno, raw in enumerate(handle, start=1):
-            line = _decode(raw, f"{path}:{lineno}")
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise LprError(f"{path}:{lineno} is not valid JSON ({err.msg})", "fix or drop that line") from None
-            except RecursionError:
-                raise LprError(
-                    f"{path}:{lineno} is nested too deeply to read as JSON", "fix or drop that line"
-                ) from None
-            if not isinstance(row, dict) or field not in row:
-                raise LprError(
-                    f"{path}:{lineno} has no field '{field}'",
-                    "set corpus.text_field (--text-field) to the field that holds the text",
-                )
-            if not isinstance(row[field], str):
-                raise LprError(f"{path}:{lineno} field '{field}' is not a string", "point corpus.text_field at text")
-            if not _encodable(row[field]):  # a JSON escape like "\ud800" decodes to half a character
-                raise LprError(
-                    f"{path}:{lineno} field '{field}' holds an unpaired surrogate (an escape like \\ud800)",
-                    "fix or drop that line",
-                )
-            yield Document(name=f"{_name(path)}:{lineno}", text=row[field])
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _missing_column(where: str, field: str, columns: list[str]) -> LprError:
-    return LprError(
-        f"{where} has no column '{field}' (columns: {', '.join(columns)})",
-        "set corpus.text_field (--text-field) to the column that holds the text",
-    )
-
-
-def _read_parquet(fs: fsspec.AbstractFileSystem, path: str, field: str) -> Iterator[Document]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    with fs.open(path, "rb") as handle:
-        try:
-            parquet = pq.ParquetFile(handle)
-        except (pa.ArrowException, OSError) as err:
-            raise LprError(
-                f"corpus file {path} is not a readable Parquet file ({str(err).splitlines()[0]})",
-                "pass a Parquet file, or set corpus.format to the file's real format",
-            ) from None
-        if field not in parquet.schema_arrow.names:
-            raise _missing_column(path, field, parquet.schema_arrow.names)
-        kind = parquet.schema_arrow.field(field).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-            raise LprError(
-                f"{path} column '{field}' holds {kind}, not text",
-                "set corpus.text_field (--text-field) to a text column",
-            )
-        row = 0
-        for batch in parquet.iter_batches(columns=[field], batch_size=1024):
-            for text in batch.column(0).to_pylist():
-                yield Document(name=f"{_name(path)}:{row}", text=text or "")
-                row += 1
-
-
-def _read_dataset(source: str, field: str) -> Iterator[Document]:
-    import datasets
-
-    if source.startswith("hf:"):
-        data = datasets.load_dataset(source.removeprefix("hf:"), split="train")
-    else:
-        data = datasets.load_from_disk(source)
-        if isinstance(data, datasets.DatasetDict):
-            data = data["train"] if "train" in data else data[next(iter(data))]
-    if field not in data.column_names:
-        raise _missing_column(f"dataset {source}", field, data.column_names)
-    row = 0
-    for batch in data.select_columns([field]).iter(batch_size=1024):
-        for text in batch[field]:
-            yield Document(name=f"{source if source.startswith('hf:') else _name(source)}:{row}", text=text or "")
-            row += 1
 
 
 def _existing(source: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -282,7 +34,7 @@ def _existing(source: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 def detect_format(source: str) -> str:
     """The corpus format implied by a source string (``corpus.format: auto``)."""
-    if source == "demo":
+    if source == "demo" or source.startswith("demo:"):
         return "demo"
     if source.startswith("hf:"):
         return "datasets"
@@ -304,16 +56,26 @@ def iter_documents(cfg: CorpusConfig, scan: FolderScan | None = None) -> Iterato
     """
     fmt = detect_format(cfg.source) if cfg.format == "auto" else cfg.format
     if fmt == "demo":
-        from pipeline.demo.corpus import demo_documents
+        from pipeline.demo.corpus import KINDS, demo_documents
 
-        docs: Iterable[Document] = demo_documents(max_chars=cfg.demo_max_chars)
+        kind = cfg.source.removeprefix("demo:") if cfg.source.startswith("demo:") else None
+        if kind is not None and kind not in KINDS:
+            raise LprError(
+                f"corpus {cfg.source}: the demo has no documents of kind '{kind}'",
+                f"use one of demo:{', demo:'.join(KINDS)}",
+            )
+        docs: Iterable[Document] = demo_documents(max_chars=cfg.demo_max_chars, kind=kind)
     elif fmt == "datasets":
-        docs = _read_dataset(cfg.source, cfg.text_field)
+        docs = read_dataset(cfg.source, cfg.text_field)
     else:
         fs, path = _existing(cfg.source)
-        readers = {"text": _read_text, "jsonl": _read_jsonl, "parquet": _read_parquet}
-        suffixes = frozenset(s.lower() for s in cfg.suffixes) if cfg.suffixes is not None else None
-        docs = readers[fmt](fs, path, suffixes, scan) if fmt == "text" else readers[fmt](fs, path, cfg.text_field)
+        readers = {"text": read_text, "jsonl": read_jsonl, "parquet": read_parquet}
+        if fmt == "text":
+            suffixes = frozenset(s.lower() for s in cfg.suffixes) if cfg.suffixes is not None else None
+            include = frozenset(cfg.include) if cfg.include is not None else None
+            docs = read_text(fs, path, field=cfg.text_field, suffixes=suffixes, include=include, scan=scan)
+        else:
+            docs = readers[fmt](fs, path, cfg.text_field)
     yield from enumerate(d for d in docs if d.text.strip())
 
 

@@ -99,12 +99,23 @@ def _ranked_documents(piece_chars: int) -> tuple[Document, ...]:
     return tuple(sorted(_all_documents(piece_chars), key=lambda d: _stable_rank(d.name)))
 
 
-def demo_documents(*, max_chars: int | None, piece_chars: int = 4_000) -> list[Document]:
+KINDS = ("topic", "doc", "code")  # a document's kind is the start of its name: "doc:json.decoder:0"
+
+
+def demo_documents(*, max_chars: int | None, piece_chars: int = 4_000, kind: str | None = None) -> list[Document]:
     """The demo corpus, at most ``max_chars`` characters (None: all of it), in a stable order.
 
-    The full corpus on CPython 3.11 is about 14 M characters in ~4,000 documents (read once per process).
+    ``kind`` keeps the documents of one kind (``KINDS``) out of that corpus, under the same names, so
+    they fall on the same side of the held-out split: ``--corpus demo:doc`` is the demo's docstrings.
+    The full corpus is a few thousand documents (read once per process).
     """
     docs = _ranked_documents(piece_chars)
+    if kind is not None:
+        return [
+            doc
+            for doc in demo_documents(max_chars=max_chars, piece_chars=piece_chars)
+            if doc.name.startswith(kind + ":")
+        ]
     if max_chars is None:
         return list(docs)
     kept: list[Document] = []

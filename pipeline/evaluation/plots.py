@@ -17,7 +17,10 @@ def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise LprError("matplotlib is not installed (the report's plots need it)", 'install the eval extra: pip install -e ".[eval]"') from None
+        raise LprError(
+            "matplotlib is not installed (the report's plots need it)",
+            'install the eval extra: pip install -e ".[eval]"',
+        ) from None
 
 
 def _pyplot() -> Any:
