@@ -146,6 +146,13 @@ class ValidateConfig(_Section):
     eval_batch_size: int = Field(32, ge=1)  # lm-eval batch size
     max_gini: float = Field(0.1, gt=0, le=1)  # winner: lowest held-out loss among variants with mean Gini ≤ this
     sweep_balance: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]  # `lpr-distill sweep`: distill.balance settings
+    # traffic slices measured apart: name → a corpus source (its held-out documents, split like the corpus);
+    # empty: for the demo corpus its document kinds (topics, docstrings, code), else none
+    slices: dict[str, str] = {}
+    slice_sequences: int = Field(256, ge=1)  # held-out sequences per slice (at most)
+    # a slice whose document noise floor (the Gini a balanced router would still show on its documents) is
+    # above this is too small to say anything: the report says so instead of giving its figures
+    slice_max_floor: float = Field(0.1, gt=0, le=1)
 
 
 class DemoConfig(_Section):

@@ -494,6 +494,5 @@ def test_a_missing_extra_is_named_verbatim(monkeypatch, capsys, run_copy):
         capsys,
         run_copy,
         ["validate", str(run_copy), "--set", "validate.variants=[original]", "--set", "validate.tasks=[]"],
-        "matplotlib is not installed (the report's plots need it). Install the eval extra: "
-        'pip install -e ".[eval]".',
+        'matplotlib is not installed (the report\'s plots need it). Install the eval extra: pip install -e ".[eval]".',
     )

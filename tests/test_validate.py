@@ -13,10 +13,12 @@ from pipeline.config import DistillConfig, build_config
 from pipeline.errors import LprError
 from pipeline.evaluation.heldout import heldout_sequences, measure
 from pipeline.evaluation.report import frontier_dominance, interpolate_ce, pick_winner
+from pipeline.evaluation.slices import slices_markdown, worst_slice
 from pipeline.evaluation.variants import VARIANTS, VariantSwitcher, check_fit
 from pipeline.moe.loading import find_routers, load_model
 from pipeline.stages.distill import run_distill
 from pipeline.stages.validate import run_validate
+from pipeline.testing.tiny_data import make_texts
 from storage.report import read_report
 from storage.rundir import RunDir
 from tests.conftest import clustered_run, save_tiny_moe, tiny_run_config
@@ -35,9 +37,21 @@ DISTILL |= {key: value for key, value in MODEL_LEVEL.items() if key in DistillCo
 
 
 @pytest.fixture(scope="module")
-def distilled(tmp_path_factory, tiny_model, tiny_corpus):
+def slice_sources(tmp_path_factory) -> dict[str, str]:
+    """Two traffic slices: a JSONL file and a folder of plain-text files, each with documents of its own."""
+    root = tmp_path_factory.mktemp("slices")
+    (root / "chat.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in make_texts(120, seed=7)))
+    (root / "notes").mkdir()
+    for i, text in enumerate(make_texts(120, words_per_doc=40, seed=8)):
+        (root / "notes" / f"note-{i}").write_text(text)
+    return {"chat": str(root / "chat.jsonl"), "notes": str(root / "notes")}
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory, tiny_model, tiny_corpus, slice_sources):
     path = tmp_path_factory.mktemp("validate") / "run"
-    cfg, run = clustered_run(path, tiny_model, tiny_corpus, distill=DISTILL, validate=VALIDATE)
+    validate = VALIDATE | {"slices": slice_sources, "slice_sequences": 8, "slice_max_floor": 1.0}
+    cfg, run = clustered_run(path, tiny_model, tiny_corpus, distill=DISTILL, validate=validate)
     run_distill(cfg=cfg, run=run)
     return cfg, run
 
@@ -111,6 +125,60 @@ def test_report_files(validated):
         assert f"| {variant} |" in text
     assert "Winner (" in text and "Gini floor (docs)" in text
     json.loads(run.read_text(f"{directory}/report.json"))  # strict JSON (no NaN)
+
+
+@pytest.mark.slow
+def test_report_holds_every_slice_for_every_variant(validated):
+    """Per traffic slice and variant: documents, tokens, Gini with its own document floor, min/max, CE
+    and Δ CE against the original gate on that slice; report.md names the worst slice."""
+    _, run, _ = validated
+    report = read_report(run)
+    slices = report["slices"]
+    assert set(slices["sources"]) == {"chat", "notes"}
+    assert list(slices["variants"]) == list(report["variants"])
+    for variant, figures in slices["variants"].items():
+        assert set(figures) == {"chat", "notes"}
+        for f in figures.values():
+            assert f["documents"] > 0 and f["tokens"] == 8 * 32
+            assert 0 <= f["floor"] < 1 and 0 <= f["gini"] < 1 and 0 <= f["min_max"] <= 1 and f["cross_entropy"] > 0
+            assert not f["too_small"]
+            assert (f["delta_ce_pct"] == 0) if variant == "original" else f["delta_ce_pct"] is not None
+        assert slices["worst"][variant] == worst_slice(figures)
+    # the slices were measured on their own documents, not the corpus's held-out set
+    assert slices["variants"]["original"]["chat"]["cross_entropy"] != report["variants"]["original"]["cross_entropy"]
+    text = run.read_text(f"{run.output_path('validate')}/report.md")
+    assert "## Balance per traffic slice" in text and "Worst traffic slice for " in text
+    assert "| chat | lpr |" in text and "| notes | original |" in text
+
+
+def test_a_slice_too_small_to_say_gives_no_figure():
+    figures = {
+        "big": {
+            "documents": 90,
+            "tokens": 9000,
+            "floor": 0.02,
+            "too_small": False,
+            "gini": 0.05,
+            "min_max": 0.8,
+            "cross_entropy": 3.0,
+            "delta_ce_pct": 1.0,
+        },
+        "tiny": {
+            "documents": 2,
+            "tokens": 300,
+            "floor": 0.3,
+            "too_small": True,
+            "gini": 0.6,
+            "min_max": 0.0,
+            "cross_entropy": 3.5,
+            "delta_ce_pct": 9.0,
+        },
+    }
+    assert worst_slice(figures) == "big"  # tiny's Gini says nothing, however high
+    text = "\n".join(slices_markdown({"variants": {"lpr": figures}, "worst": {"lpr": "big"}, "max_floor": 0.1}))
+    assert "| tiny | lpr | 2 | 300 | too few documents to say (floor 0.300 > 0.1)" in text
+    assert "0.600" not in text
+    assert worst_slice({"tiny": figures["tiny"]}) is None
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import RunConfig
+from pipeline.config import CorpusConfig, RunConfig
 from pipeline.data.corpus import iter_documents, iter_packed, split_documents
 from pipeline.errors import LprError
 from pipeline.evaluation.metrics import average_layers, document_interval, layer_metrics, topk_agreement
@@ -31,18 +31,20 @@ class HeldOut(NamedTuple):
     documents: np.ndarray
 
 
-def heldout_sequences(cfg: RunConfig, tokenizer: Any, sequences: int) -> HeldOut:
-    """The first ``sequences`` full packed sequences of the held-out documents."""
-    docs = split_documents(iter_documents(cfg.corpus), split="heldout", heldout_fraction=cfg.corpus.heldout_fraction)
+def heldout_sequences(cfg: RunConfig, tokenizer: Any, sequences: int, corpus: CorpusConfig | None = None) -> HeldOut:
+    """The first ``sequences`` full packed sequences of the held-out documents of ``corpus`` (default:
+    the run's corpus; a traffic slice or sample is split by the same document hash)."""
+    corpus = corpus or cfg.corpus
+    docs = split_documents(iter_documents(corpus), split="heldout", heldout_fraction=corpus.heldout_fraction)
     full = []
-    for seq in iter_packed(docs, tokenizer=tokenizer, seq_len=cfg.corpus.seq_len, max_tokens=None):
-        if len(seq.ids) == cfg.corpus.seq_len:
+    for seq in iter_packed(docs, tokenizer=tokenizer, seq_len=corpus.seq_len, max_tokens=None):
+        if len(seq.ids) == corpus.seq_len:
             full.append(seq)
         if len(full) == sequences:
             break
     if not full:
         raise LprError(
-            f"the corpus's held-out documents give no sequence of {cfg.corpus.seq_len} tokens",
+            f"the held-out documents of {corpus.source} give no sequence of {corpus.seq_len} tokens",
             "raise corpus.heldout_fraction or lower corpus.seq_len",
         )
     return HeldOut(torch.from_numpy(np.stack([s.ids for s in full])).long(), np.stack([s.doc_ids for s in full]))

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.evaluation.slices import slices_markdown
+
 BASELINES = ("original", "original+bias", "lpr-init")
 
 
@@ -216,6 +218,17 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         report["winner"]["sentence"],
     ]
+    slices = report.get("slices") or {}
+    named = report["winner"]["name"] if report["winner"]["name"] in slices.get("worst", {}) else "lpr"
+    worst = slices.get("worst", {}).get(named)
+    if worst is not None:
+        f = slices["variants"][named][worst]
+        parts += [
+            "",
+            f"Worst traffic slice for {named}: **{worst}** — Gini {f['gini']:.3f} against its document floor "
+            f"{f['floor']:.3f}, min/max {f['min_max']:.2f} ({f['documents']} held-out documents; "
+            "[per slice](#balance-per-traffic-slice)).",
+        ]
     if report["variants"].get("lpr", {}).get("build", {}).get("init") == "gate":
         parts += ["", "`lpr` was distilled from the model's own gates (`router.init: gate`), not from the clusters."]
     comparison = report.get("comparison")
@@ -234,6 +247,7 @@ def markdown(report: dict[str, Any]) -> str:
         parts += ["", line]
     if report.get("frontier"):
         parts += ["", f"Frontier (`lpr-distill sweep`): {report['frontier']['sentence']}"]
+    parts += ["", *slices_markdown(slices)] if slices.get("variants") else []
     parts += [
         "",
         "Columns: Gini, min/max and CV of top-k slots per expert; Gini 90 % (docs) = the central 90 % of that "

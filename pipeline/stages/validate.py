@@ -28,6 +28,7 @@ from pipeline.evaluation.report import (
     pick_winner,
     summary_rows,
 )
+from pipeline.evaluation.slices import measure_slices, slice_heldouts, slices_report
 from pipeline.evaluation.variants import VARIANTS, VariantSwitcher, check_variants, scale_bias
 from pipeline.moe.loading import load_config, load_model, model_identity, resolve_model_path
 from pipeline.progress import info
@@ -72,6 +73,7 @@ def measure_variants(cfg: RunConfig, run: RunDir) -> tuple[dict[str, dict], list
     v = cfg.validate
     model, tokenizer = load_model(cfg.model, resolve_model_path(cfg))
     held = heldout_sequences(cfg, tokenizer, v.sequences)
+    slices = slice_heldouts(cfg, tokenizer)
     switcher = VariantSwitcher(model)
     results: dict[str, dict] = {}
     bias_curve: list[dict] = []
@@ -80,6 +82,7 @@ def measure_variants(cfg: RunConfig, run: RunDir) -> tuple[dict[str, dict], list
         info(f"[bold]validate[/] {name} ({position}/{len(v.variants)}): building routers")
         built = switcher.apply(name, cfg, run)
         result = measure(model, held, cfg=cfg, teachers=switcher.originals)
+        result["slices"] = measure_slices(model, slices, cfg=cfg, teachers=switcher.originals)
         result["description"] = VARIANTS[name].description
         result["build"] = built.info
         if v.tasks:
@@ -144,6 +147,7 @@ def build_report(
     cfg: RunConfig, run: RunDir, results: dict, bias_curve: list[dict], heldout: dict, sweep: dict | None
 ) -> dict[str, Any]:
     lpr_curve = sweep.get("lpr") if sweep else None
+    slices = slices_report(cfg, {name: result.pop("slices", {}) for name, result in results.items()})
     return {
         "run": run.url,
         "model": cfg.model.path,
@@ -158,6 +162,7 @@ def build_report(
         if lpr_curve and bias_curve and "original" in results
         else None,
         "winner": pick_winner(results, cfg.validate.max_gini),
+        "slices": slices,
         "config": cfg.section("validate"),
     }
 
