@@ -202,6 +202,20 @@ class FlowConfig(_Section):
     retry_delay_seconds: float = Field(10.0, ge=0)
 
 
+class RecalibrateConfig(_Section):
+    """`lpr-distill recalibrate`: the stored routers' choice bias recalibrated on a traffic sample, as a
+    new version of the routers, published when it is better on that traffic's held-out documents."""
+
+    sequences: int = Field(512, ge=1)  # training-side traffic sequences the bias is calibrated on (at most)
+    # fewer full training-side sequences than this in the traffic is an error: a bias fitted to a handful of
+    # sequences follows them, not the traffic
+    min_sequences: int = Field(64, ge=1)
+    heldout_sequences: int = Field(256, ge=1)  # held-out traffic sequences that judge the new version (at most)
+    publish: Literal["better", "always", "never"] = "better"  # better: see the two thresholds below
+    min_gini_gain: float = Field(0.005, ge=0)  # better = held-out slot Gini lower by at least this ...
+    max_ce_increase_pct: float = Field(1.0, ge=0)  # ... and held-out cross-entropy higher by at most this (%)
+
+
 # The ``validate`` section is named after its stage; it shadows pydantic's deprecated ``BaseModel.validate``.
 warnings.filterwarnings("ignore", message='Field name "validate" in "RunConfig" shadows', category=UserWarning)
 
@@ -217,6 +231,7 @@ class RunConfig(_Section):
     router: RouterConfig = RouterConfig()
     distill: DistillConfig = DistillConfig()
     validate: ValidateConfig = ValidateConfig()
+    recalibrate: RecalibrateConfig = RecalibrateConfig()
     demo: DemoConfig = DemoConfig()
     flow: FlowConfig = FlowConfig()
 

@@ -226,3 +226,53 @@ def run_all(
     cfg = resolve_config(run=run, config=config, sets=set_)
     _run_stages(list(STAGE_FUNCTIONS), run=run, cfg=cfg, force=force)
     out.print(f"run directory: {run.url}")
+
+
+@app.command()
+def recalibrate(
+    run_dir: Annotated[str, typer.Argument(help="Run directory with distilled routers.")],
+    corpus: Annotated[
+        str,
+        typer.Option(help="Traffic sample: file, folder, URL, dataset, hf:NAME (split by document like any corpus)."),
+    ],
+    text_field: Annotated[
+        str | None, typer.Option(help="Field/column with the text (JSONL, Parquet, datasets).")
+    ] = None,
+    sequences: Annotated[int | None, typer.Option(help="Training-side traffic sequences to calibrate on.")] = None,
+    publish: Annotated[str | None, typer.Option(help="better (default) | always | never.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Recompute the routers' choice bias on your traffic as a new version; publish it when it is better there."""
+    from pipeline.config import CorpusConfig
+    from pipeline.stages.recalibrate import run_recalibrate
+
+    run = RunDir(run_dir)
+    flags = {"recalibrate.sequences": sequences, "recalibrate.publish": publish}
+    cfg = resolve_config(run=run, config=config, sets=set_, flags=flags)
+    fields = {"source": corpus, "format": "auto", "include": None, "text_field": text_field or cfg.corpus.text_field}
+    traffic = CorpusConfig.model_validate(cfg.corpus.model_dump() | fields)
+    with _saving_config(run, cfg):
+        manifest = run_recalibrate(cfg=cfg, run=run, traffic=traffic)
+    stats = manifest.stats
+    before, after = stats["before"], stats["after"]
+    table = Table(title=f"recalibrate: version {stats['parent']} → {stats['version']} on {corpus} (held-out traffic)")
+    for column in ("layer", "Gini before", "Gini after", "min/max before", "min/max after"):
+        table.add_column(column)
+    for layer, row in before["layers"].items():
+        new = after["layers"][layer]
+        table.add_row(
+            layer, f"{row['gini']:.3f}", f"{new['gini']:.3f}", f"{row['min_max']:.2f}", f"{new['min_max']:.2f}"
+        )
+    table.add_row(
+        "mean", f"{before['gini']:.3f}", f"{after['gini']:.3f}", f"{before['min_max']:.2f}", f"{after['min_max']:.2f}"
+    )
+    print_table(table)
+    cost = (after["cross_entropy"] / before["cross_entropy"] - 1) * 100
+    out.print(
+        f"held-out traffic: {before['documents']} documents, Gini floor {before['floor']:.3f}; "
+        f"CE {before['cross_entropy']:.4f} → {after['cross_entropy']:.4f} ({cost:+.2f} %)",
+        highlight=False,
+    )
+    verdict = "published (served and exported)" if stats["published"] else "kept, not published"
+    out.print(f"version {stats['version']}: {verdict} — {stats['judgement']}", highlight=False)

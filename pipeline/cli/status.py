@@ -8,6 +8,7 @@ from pipeline.errors import LprError
 from pipeline.router.provenance import distilled_from
 from storage.rundir import STAGES, RunDir
 from storage.states import StatesReader
+from storage.versions import list_versions, served_version
 
 
 def _states_summary(run: RunDir, path: str) -> dict[str, Any]:
@@ -98,4 +99,30 @@ def run_status(run: RunDir) -> dict[str, Any]:
         if complete and manifest is not None and stage == "export":
             entry["details"] = _export_details(manifest.outputs)
         stages[stage] = entry
-    return {"run_dir": run.url, "stages": stages}
+    return {"run_dir": run.url, "stages": stages, "versions": routers_versions(run)}
+
+
+def routers_versions(run: RunDir) -> list[dict[str, Any]]:
+    """Every version of the routers: 0 (the distill stage's), then each recalibration, with the one
+    served marked; a version made from an earlier distillation is stale (never served)."""
+    distill = run.read_manifest("distill")
+    if distill is None or not run.is_complete("distill"):
+        return []
+    served = served_version(run)
+    rows = [{"version": 0, "made_by": "distill", "current": served == 0, "stale": False}]
+    for record in list_versions(run):
+        rows.append(
+            {
+                "version": record["version"],
+                "made_by": f"recalibrate on {record['traffic']}",
+                "parent": record["parent"],
+                "current": served == record["version"],
+                "stale": record.get("distill") != distill.fingerprint,
+                "published": record["published"],
+                "gini_before": record["before"]["gini"],
+                "gini_after": record["after"]["gini"],
+                "judgement": record["judgement"],
+                "created_at": record["created_at"],
+            }
+        )
+    return rows

@@ -103,6 +103,16 @@ def status(
         seconds = f"{info['seconds']:.1f}" if "seconds" in info else ""
         table.add_row(stage, state, finished, seconds, size, info.get("details", ""))
     print_table(table)
+    if len(report["versions"]) > 1:
+        versions = Table(title="routers versions")
+        for column in ("version", "made by", "served", "held-out traffic Gini", "created (UTC)"):
+            versions.add_column(column)
+        for row in report["versions"]:
+            served = "[green]served[/]" if row["current"] else ("stale" if row["stale"] else "")
+            gini = f"{row['gini_before']:.3f} → {row['gini_after']:.3f}" if "gini_before" in row else ""
+            created = row.get("created_at", "").replace("T", " ").removesuffix("Z")
+            versions.add_row(str(row["version"]), row["made_by"], served, gini, created)
+        print_table(versions)
 
 
 @config_app.command("show")

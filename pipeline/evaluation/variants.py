@@ -30,6 +30,7 @@ from pipeline.router.load import distilled_routers
 from pipeline.router.lpr import LatentPrototypeRouter, spec_for
 from pipeline.router.provenance import distilled_from
 from storage.rundir import RunDir
+from storage.versions import served_version
 
 
 @dataclass
@@ -107,9 +108,9 @@ def lpr_init(cfg: RunConfig, run: RunDir, model: nn.Module) -> Built:
 
 @variant("lpr", needs="distill")
 def lpr(cfg: RunConfig, run: RunDir, model: nn.Module) -> Built:
-    """LPR as the distill stage stored it."""
+    """LPR as the distill stage stored it (or its served recalibrated version)."""
     routers, metrics = distilled_routers(run)
-    return Built(routers, {"distill": metrics, "init": distilled_from(metrics)})
+    return Built(routers, {"distill": metrics, "init": distilled_from(metrics), "version": served_version(run)})
 
 
 def check_variants(names: list[str], run: RunDir) -> None:

@@ -17,6 +17,7 @@ from pipeline.router.lpr import LatentPrototypeRouter, RouterSpec, spec_for
 from storage.routers import read_routers
 from storage.routers_store import read_layer_router
 from storage.rundir import RunDir
+from storage.versions import served_version, version_path
 
 
 def convention(spec: RouterSpec) -> str:
@@ -70,17 +71,23 @@ def load_lpr_model(model_or_path: nn.Module | str | Path, routers_dir: str | Pat
     return model
 
 
-def distilled_routers(run: RunDir) -> tuple[dict[str, LatentPrototypeRouter], dict[str, Any]]:
-    """The distill stage's routers keyed by router module name, and their held-out figures."""
+def distilled_routers(
+    run: RunDir, version: int | None = None
+) -> tuple[dict[str, LatentPrototypeRouter], dict[str, Any]]:
+    """The distilled routers keyed by router module name, and their per-layer figures: the served
+    version (``version`` None), or the given one (0: the distill stage's own)."""
     if not run.is_complete("distill"):
         raise LprError(
             f"no distilled routers in {run.url}",
             "run `lpr-distill distill RUN_DIR` first, or pass --init-only for routers from the clusters",
         )
-    directory = run.output_path("distill")
+    directory = version_path(run, served_version(run) if version is None else version)
     routers, metrics = {}, {}
     for layer in run.read_manifest("distill").outputs["layers"]:
-        state, meta = read_layer_router(run, directory, layer)
+        found = read_layer_router(run, directory, layer)
+        if found is None:
+            raise LprError(f"routers version in {directory} has no complete {layer}", "recalibrate again")
+        state, meta = found
         router = LatentPrototypeRouter(RouterSpec(**meta["spec"]))
         router.load_state_dict(state, strict=True)
         routers[meta["module"]] = router.eval()

@@ -35,6 +35,7 @@ from pipeline.progress import info
 from pipeline.stages.protocol import build_manifest, previous_run
 from storage.report import to_json, write_files
 from storage.rundir import Manifest, RunDir, fingerprint
+from storage.versions import served_version
 
 STAGE = "validate"
 SWEEP_RESULTS = ("sweep", "frontier.json")  # written by `lpr-distill sweep` (pipeline/sweep.py)
@@ -62,6 +63,8 @@ def stage_inputs(cfg: RunConfig, run: RunDir) -> dict[str, Any]:
     sweep = run.read_json(run.path(*SWEEP_RESULTS))
     if sweep is not None:
         inputs["sweep"] = fingerprint({}, {"points": sweep.get("lpr", [])})
+    if version := served_version(run):  # a recalibrated version is served as `lpr`
+        inputs["routers_version"] = version
     return inputs
 
 
