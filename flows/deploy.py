@@ -1,9 +1,11 @@
-"""Deployments of the ``lpr_distill`` flow: served from this process, or in a process work pool.
+"""Deployments of the ``lpr_distill`` flow — or, given a traffic folder, of the ``lpr_recalibrate``
+flow — served from this process, or in a process work pool.
 
 Parameters of a deployment are the run: the resolved config (every section), the run directory
-(made absolute when local: runs start in another working directory), and ``force``. The
-entrypoint is the module path ``flows.lpr_flow.lpr_distill``, so whatever runs the flow (this
-process's runner, a process worker) imports the installed package rather than a file path.
+(made absolute when local: runs start in another working directory), and ``force`` (or the
+traffic folder). The entrypoint is a module path (``flows.lpr_flow.lpr_distill``,
+``flows.recalibrate_flow.lpr_recalibrate``), so whatever runs the flow (this process's runner, a
+process worker) imports the installed package rather than a file path.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from prefect.deployments.runner import EntrypointType
 from prefect.exceptions import ObjectNotFound
 
 from flows.lpr_flow import lpr_distill
+from flows.recalibrate_flow import lpr_recalibrate
 from pipeline.config import RunConfig
 from pipeline.errors import LprError
 
@@ -36,11 +39,19 @@ def check_api_url() -> str:
     return url
 
 
-def run_parameters(cfg: RunConfig, run_dir: str, *, force: bool = False) -> dict[str, Any]:
-    """The flow parameters of one run; a local run directory becomes an absolute path."""
-    if "://" not in run_dir:
-        run_dir = str(Path(run_dir).expanduser().resolve())
-    return {"config": cfg.model_dump(mode="json"), "run_dir": run_dir, "force": force}
+def _absolute(run_dir: str) -> str:
+    return str(Path(run_dir).expanduser().resolve()) if "://" not in run_dir else run_dir
+
+
+def run_parameters(cfg: RunConfig, run_dir: str, *, force: bool = False, traffic: str | None = None) -> dict[str, Any]:
+    """The flow parameters of one run; local paths become absolute. With ``traffic``: the
+    recalibration flow's (no ``force``: each run takes only what is new)."""
+    parameters: dict[str, Any] = {"config": cfg.model_dump(mode="json"), "run_dir": _absolute(run_dir)}
+    return parameters | ({"traffic": _absolute(traffic)} if traffic else {"force": force})
+
+
+def _flow(traffic: str | None):
+    return lpr_recalibrate if traffic else lpr_distill
 
 
 def schedule(cron: str | None, interval: float | None) -> dict[str, Any]:
@@ -57,13 +68,15 @@ def serve(
     cron: str | None = None,
     interval: float | None = None,
     force: bool = False,
+    traffic: str | None = None,
 ) -> None:
-    """Create or update the deployment ``lpr-distill/NAME`` and run its scheduled and triggered runs
-    in this process until stopped (its schedule stays active when this process stops)."""
+    """Create or update the deployment ``lpr-distill/NAME`` (``lpr-recalibrate/NAME`` with ``traffic``)
+    and run its scheduled and triggered runs in this process until stopped (its schedule stays
+    active when this process stops)."""
     check_api_url()
-    lpr_distill.serve(
+    _flow(traffic).serve(
         name=name,
-        parameters=run_parameters(cfg, run_dir, force=force),
+        parameters=run_parameters(cfg, run_dir, force=force, traffic=traffic),
         pause_on_shutdown=False,
         entrypoint_type=EntrypointType.MODULE_PATH,
         **schedule(cron, interval),
@@ -79,14 +92,16 @@ def deploy(
     cron: str | None = None,
     interval: float | None = None,
     force: bool = False,
+    traffic: str | None = None,
 ) -> str:
-    """Create or update the deployment ``lpr-distill/NAME`` in the process work pool ``pool`` (created
-    if missing); a worker (``prefect worker start --pool POOL``) runs it. Returns the deployment id."""
+    """Create or update the deployment ``lpr-distill/NAME`` (``lpr-recalibrate/NAME`` with ``traffic``)
+    in the process work pool ``pool`` (created if missing); a worker (``prefect worker start --pool
+    POOL``) runs it. Returns the deployment id."""
     check_api_url()
     asyncio.run(_ensure_process_pool(pool))
-    deployment = lpr_distill.to_deployment(
+    deployment = _flow(traffic).to_deployment(
         name,
-        parameters=run_parameters(cfg, run_dir, force=force),
+        parameters=run_parameters(cfg, run_dir, force=force, traffic=traffic),
         work_pool_name=pool,
         entrypoint_type=EntrypointType.MODULE_PATH,
         **schedule(cron, interval),

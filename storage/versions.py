@@ -99,3 +99,27 @@ def served_version(run: RunDir) -> int:
     if record is None or distill is None or record.get("distill") != distill.fingerprint:
         return 0
     return number
+
+
+def traffic_files(source: str, storage_options: dict[str, Any] | None = None) -> dict[str, list]:
+    """The files of a traffic folder or bucket prefix (hidden ones aside): relative name → [size,
+    modified], what tells a file that arrived since the last look."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(source, **(storage_options or {}))
+    if not fs.isdir(root):
+        raise LprError(f"traffic {source} is not a folder", "point the recalibration at the folder samples arrive in")
+    found = {}
+    for path, entry in sorted(fs.find(root, detail=True).items()):
+        name = path[len(root.rstrip("/")) + 1 :]
+        if any(part.startswith(".") for part in name.split("/")):
+            continue
+        modified = entry.get("mtime") or entry.get("LastModified") or entry.get("last_modified") or ""
+        found[name] = [int(entry.get("size") or 0), str(modified)]
+    return found
+
+
+def new_traffic(run: RunDir, source: str, storage_options: dict[str, Any] | None = None) -> dict[str, list]:
+    """Traffic files not taken by an earlier recalibration (new names, or files that changed)."""
+    seen = seen_traffic(run)
+    return {name: stamp for name, stamp in traffic_files(source, storage_options).items() if seen.get(name) != stamp}

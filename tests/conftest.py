@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,25 @@ def clustered_run(path: Path, model: Path, corpus: Path, **sections: dict):
     run_dump(cfg=cfg, run=run)
     run_cluster(cfg=cfg, run=run)
     return cfg, run
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """A real Prefect server for the session (`prefect server start` on 127.0.0.1, its own PREFECT_HOME)."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    from tests.prefect_server import prefect_server
+
+    with prefect_server(home) as info:
+        if "prefect" in sys.modules:  # imported before the environment pointed at this server
+            from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+            with temporary_settings({PREFECT_API_URL: info["url"], PREFECT_HOME: str(home)}):
+                yield info
+        else:
+            yield info
+        if "prefect" in sys.modules:  # send the last logs and events while the server is still up
+            from prefect.events.worker import EventsWorker
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=10)
+            EventsWorker.drain_all(timeout=10)

@@ -27,7 +27,7 @@ import yaml
 
 from pipeline.config import DistillConfig
 from tests.conftest import tiny_run_config
-from tests.prefect_server import free_port, prefect_server, stop_group
+from tests.prefect_server import free_port, stop_group
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 pytest.importorskip("prefect_dask", reason="install the dask extra: pip install -e '.[dask]'")
@@ -67,25 +67,6 @@ SMALL_STAGES: dict[str, Any] = {
     "flow": {"retries": 1, "retry_delay_seconds": 0},
 }
 VOLATILE = {"started_at", "finished_at", "bytes", "run"}  # and timings (keys ending in seconds / per_second)
-
-
-@pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect-home")
-    with prefect_server(home) as info:
-        if "prefect" in sys.modules:  # imported before the environment pointed at this server
-            from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
-
-            with temporary_settings({PREFECT_API_URL: info["url"], PREFECT_HOME: str(home)}):
-                yield info
-        else:
-            yield info
-        if "prefect" in sys.modules:  # send the last logs and events while the server is still up
-            from prefect.events.worker import EventsWorker
-            from prefect.logging.handlers import APILogWorker
-
-            APILogWorker.drain_all(timeout=10)
-            EventsWorker.drain_all(timeout=10)
 
 
 def _timing(**figures: float) -> None:

@@ -18,7 +18,11 @@ from storage.rundir import RunDir
 ScheduleOpts = {
     "cron": typer.Option(help='Cron schedule, e.g. "0 3 * * *" (nightly at 03:00 UTC).'),
     "interval": typer.Option(help="Or: run every this many seconds."),
-    "name": typer.Option(help="Deployment name (the flow is lpr-distill)."),
+    "name": typer.Option(help="Deployment name (the flow is lpr-distill, or lpr-recalibrate with --recalibrate-from)."),
+    "traffic": typer.Option(
+        "--recalibrate-from",
+        help="Deploy the recalibration instead: each run recalibrates on the files new in this folder or bucket.",
+    ),
 }
 
 
@@ -32,6 +36,7 @@ def deploy(
     pool: Annotated[str, typer.Option(help="Process work pool (created if missing) whose worker runs it.")] = (
         "lpr-distill"
     ),
+    traffic: Annotated[str | None, ScheduleOpts["traffic"]] = None,
     set_: SetOpt = None,
     force: ForceOpt = False,
 ) -> None:
@@ -40,8 +45,11 @@ def deploy(
 
     run = RunDir(run_dir or f"runs/{config.stem}")
     cfg = resolve_config(run=None, config=config, sets=set_)
-    deployment = deploy_flow(cfg, run.url, name=name, pool=pool, cron=cron, interval=interval, force=force)
-    out.print(f"deployment lpr-distill/{name} ({deployment}) in work pool '{pool}'", highlight=False)
+    deployment = deploy_flow(
+        cfg, run.url, name=name, pool=pool, cron=cron, interval=interval, force=force, traffic=traffic
+    )
+    flow = "lpr-recalibrate" if traffic else "lpr-distill"
+    out.print(f"deployment {flow}/{name} ({deployment}) in work pool '{pool}'", highlight=False)
 
 
 @app.command()
@@ -51,6 +59,7 @@ def serve(
     cron: Annotated[str | None, ScheduleOpts["cron"]] = None,
     interval: Annotated[float | None, ScheduleOpts["interval"]] = None,
     name: Annotated[str, ScheduleOpts["name"]] = "lpr-distill",
+    traffic: Annotated[str | None, ScheduleOpts["traffic"]] = None,
     set_: SetOpt = None,
     force: ForceOpt = False,
 ) -> None:
@@ -59,7 +68,7 @@ def serve(
 
     run = RunDir(run_dir or f"runs/{config.stem}")
     cfg = resolve_config(run=None, config=config, sets=set_)
-    serve_flow(cfg, run.url, name=name, cron=cron, interval=interval, force=force)
+    serve_flow(cfg, run.url, name=name, cron=cron, interval=interval, force=force, traffic=traffic)
 
 
 @app.command()
