@@ -86,3 +86,21 @@ def prefect_server(home: Path, timeout: float = 120) -> Iterator[dict]:
     finally:
         stop_group(proc)
         log.close()
+
+
+async def wait_for_deployment(name: str, proc: subprocess.Popen, log: Path, timeout: float = 90):
+    """The deployment ``FLOW/NAME`` once the serving process has created it (its log on failure)."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    started = time.perf_counter()
+    async with get_client() as client:
+        while True:
+            try:
+                return await client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                if proc.poll() is not None or time.perf_counter() - started > timeout:
+                    raise AssertionError(f"no deployment {name}: {log.read_text()[-3000:]}") from None
+                await asyncio.sleep(0.5)

@@ -27,7 +27,7 @@ import yaml
 
 from pipeline.config import DistillConfig
 from tests.conftest import tiny_run_config
-from tests.prefect_server import free_port, stop_group
+from tests.prefect_server import free_port, stop_group, wait_for_deployment
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 pytest.importorskip("prefect_dask", reason="install the dask extra: pip install -e '.[dask]'")
@@ -157,26 +157,11 @@ def served(server, tmp_path_factory):
         [*command, "--cron", "0 3 * * *"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     try:
-        deployment = asyncio.run(_wait_for_deployment("lpr-distill/nightly", proc, work / "serve.log"))
+        deployment = asyncio.run(wait_for_deployment("lpr-distill/nightly", proc, work / "serve.log"))
         yield {"deployment": deployment, "run_dir": run_dir, "log": work / "serve.log"}
     finally:
         stop_group(proc)
         log.close()
-
-
-async def _wait_for_deployment(name: str, proc: subprocess.Popen, log: Path, timeout: float = 90):
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    started = time.perf_counter()
-    async with get_client() as client:
-        while True:
-            try:
-                return await client.read_deployment_by_name(name)
-            except ObjectNotFound:
-                if proc.poll() is not None or time.perf_counter() - started > timeout:
-                    raise AssertionError(f"no deployment {name}: {log.read_text()[-3000:]}") from None
-                await asyncio.sleep(0.5)
 
 
 def _trigger(deployment_id, log: Path):

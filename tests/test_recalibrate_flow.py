@@ -9,7 +9,6 @@ import os
 import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from pipeline.stages.distill import run_distill
 from pipeline.testing.tiny_data import WORDS, make_texts
 from storage.versions import list_versions, seen_traffic, served_version
 from tests.conftest import clustered_run
-from tests.prefect_server import stop_group
+from tests.prefect_server import stop_group, wait_for_deployment
 from tests.test_recalibrate import DISTILL, RECALIBRATE
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -70,26 +69,11 @@ def served(server, tmp_path_factory, tiny_model, tiny_corpus):
         start_new_session=True,
     )
     try:
-        deployment = asyncio.run(_wait_for_deployment("lpr-recalibrate/traffic", proc, work / "serve.log"))
+        deployment = asyncio.run(wait_for_deployment("lpr-recalibrate/traffic", proc, work / "serve.log"))
         yield {"deployment": deployment, "run": run, "traffic": traffic, "log": work / "serve.log"}
     finally:
         stop_group(proc)
         log.close()
-
-
-async def _wait_for_deployment(name: str, proc: subprocess.Popen, log: Path, timeout: float = 90):
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    started = time.perf_counter()
-    async with get_client() as client:
-        while True:
-            try:
-                return await client.read_deployment_by_name(name)
-            except ObjectNotFound:
-                if proc.poll() is not None or time.perf_counter() - started > timeout:
-                    raise AssertionError(f"no deployment {name}: {log.read_text()[-3000:]}") from None
-                await asyncio.sleep(0.5)
 
 
 def _trigger(deployment, log: Path):
