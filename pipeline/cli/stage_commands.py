@@ -197,14 +197,29 @@ def export(
     init_only: Annotated[
         bool, typer.Option("--init-only", help="Export LPR-init routers (clusters + calibration, no distillation).")
     ] = False,
+    checkpoint: Annotated[
+        str | None,
+        typer.Option(help="Write a complete checkpoint of the model with the routers in its own router tensors."),
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Write router weights + config + card that `load_lpr_model` puts into the model."""
+    """Write router weights + config + card that `load_lpr_model` puts into the model.
+
+    --checkpoint OUT: a drop-in checkpoint instead (stock from_pretrained, serving engines)."""
     from pipeline.stages.export import run_export, run_export_init
 
     run = RunDir(run_dir)
     cfg = resolve_config(run=run, config=config, sets=set_)
+    if checkpoint is not None:
+        if init_only or out_dir is not None:
+            raise LprError("--checkpoint writes the distilled routers into a checkpoint", "drop --init-only and --out")
+        from pipeline.stages.export_checkpoint import run_export_checkpoint
+
+        written = run_export_checkpoint(cfg=cfg, run=run, out=checkpoint)
+        out.print(f"checkpoint ({written['form']}): {written['directory']}", highlight=False)
+        out.print(f"load with: AutoModelForCausalLM.from_pretrained('{written['directory']}')", highlight=False)
+        return
     if out_dir is None and not run.is_local:
         raise LprError("export writes to a local directory", "pass --out with a local path")
     if init_only:

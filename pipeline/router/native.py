@@ -83,16 +83,19 @@ def fold_router(router: LatentPrototypeRouter, family: Family) -> FamilyRouter:
         weight = prototypes @ router.encoder.weight.double()  # (E, d) @ (d, H) → (E, H)
         logit_bias = prototypes @ router.encoder.bias.double()  # (E,)
         choice_bias = router.bias.double()  # (E,)
+    reasons = []
     if not family.logit_bias and bool(logit_bias.abs().max() > 0):
-        raise ValueError(
+        reasons.append(
             f"its encoder bias adds per-expert logit offsets (max |P·b| {float(logit_bias.abs().max()):.3g}) "
             f"and a {family.name} gate has no bias"
         )
     if not family.choice_bias and bool(choice_bias.abs().max() > 0):
-        raise ValueError(
+        reasons.append(
             f"its per-expert choice bias (max |b| {float(choice_bias.abs().max()):.3g}) has no tensor in a "
             f"{family.name} checkpoint (engines would route without it)"
         )
+    if reasons:
+        raise ValueError("; ".join(reasons))
     return FamilyRouter(
         weight=weight,
         logit_bias=logit_bias if family.logit_bias else None,
