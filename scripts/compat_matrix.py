@@ -3,8 +3,10 @@
 For every family in ``pipeline/moe/families.py`` this runs, on a tiny random model (hidden 64, 8
 experts, top-2), the same two checks as ``tests/test_families.py``: the identity-configured LPR
 against the original model's logits, and dump → cluster → distill → export → ``load_lpr_model``
-end to end. It then rewrites the README section between the ``compat-matrix`` markers (nothing
-in the table is written by hand) and prints one JSON line per family.
+end to end; then, for all families at once, the drop-in checkpoint check of
+``tests/test_checkpoint_export.py`` (``pipeline.testing.tiny_checkpoints``). It then rewrites the
+README section between the ``compat-matrix`` markers (nothing in the table is written by hand) and
+prints JSON lines per family (the first two checks, then all four verdicts).
 
 Usage: ``python scripts/compat_matrix.py [--readme README.md]``; ``--families mixtral,olmoe`` checks
 those only and prints their JSON lines without touching the README.
@@ -46,8 +48,10 @@ def check(family: str, root: Path, tokenizer, corpus: Path) -> dict:
     return row
 
 
-def passed(row: dict) -> tuple[bool, bool, bool]:
-    """(capture, replace, end to end) as the tests judge them."""
+def passed(row: dict) -> tuple[bool, bool, bool, bool]:
+    """(capture, replace, end to end, drop-in checkpoint) as the tests judge them."""
+    from pipeline.testing.tiny_checkpoints import passes
+
     e2e, identity = row["e2e"], row["identity"]
     capture = "error" not in e2e and e2e["capture_max_abs_diff"] < 2e-3
     replace = "error" not in identity and identity["identity_max_abs_diff"] <= IDENTITY_BAR
@@ -58,7 +62,7 @@ def passed(row: dict) -> tuple[bool, bool, bool]:
         and e2e["reload_vs_original_diff"] <= IDENTITY_BAR
         and e2e["reload_lpr_diff"] <= IDENTITY_BAR
     )
-    return capture, replace, end_to_end
+    return capture, replace, end_to_end, passes(row["checkpoint"], IDENTITY_BAR)
 
 
 def render(rows: list[dict]) -> str:
@@ -73,15 +77,19 @@ def render(rows: list[dict]) -> str:
         "8 experts, top-2). **capture**: the router recomputed on the stored x gives the stored logits.",
         "**replace**: identity-configured LPR routers in every MoE layer; the max |Δ| of the model's float32",
         f"logits against the original (bar ≤ {IDENTITY_BAR:g}). **end to end**: dump → cluster → distill → export →",
-        "`load_lpr_model`, router logits still recorded, save_pretrained → from_pretrained re-initialises nothing.",
+        "`load_lpr_model`, router logits still recorded, save_pretrained → from_pretrained re-initialises nothing."
+        " **drop-in checkpoint** (`tests/test_checkpoint_export.py`): the family's own router tensors that"
+        " `export --checkpoint` writes (a dot-product LPR folds into them exactly; other forms need"
+        " `router.form: native`); ✓: stock `from_pretrained` in a fresh process routes as the routers do"
+        f" (logits ≤ {IDENTITY_BAR:g}, the same top-k), only router tensors changed.",
         "",
         "| family | `model_type` | router | receives | returns | weight convention | capture "
-        "| replace (max \\|Δ logits\\|) | end to end |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| replace (max \\|Δ logits\\|) | end to end | drop-in checkpoint |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         family = FAMILIES[row["family"]]
-        capture, replace, end_to_end = passed(row)
+        capture, replace, end_to_end, checkpoint = passed(row)
         identity = row["identity"]
         diff = f"{identity['identity_max_abs_diff']:.1e}" if "error" not in identity else identity["error"]
         e2e = row["e2e"]
@@ -89,10 +97,10 @@ def render(rows: list[dict]) -> str:
         returns = "(logits, weights, indices)" if family.returns == "triple" else "(dense scores, logits)"
         lines.append(
             f"| {family.name} | `{family.model_type}` | `{row['router']}` | {family.receives} | {returns} "
-            f"| {family.weights} | {mark[capture]} | {mark[replace]} {diff} | {e2e_text} |"
+            f"| {family.weights} | {mark[capture]} | {mark[replace]} {diff} | {e2e_text} | {_form(row, checkpoint)} |"
         )
     for model_type, why in sorted(UNSUPPORTED.items()):
-        lines.append(f"| — | `{model_type}` | not supported | | | {why} | ✗ | ✗ | ✗ |")
+        lines.append(f"| — | `{model_type}` | not supported | | | {why} | ✗ | ✗ | ✗ | ✗ |")
     ok = sum(all(passed(row)) for row in rows)
     lines += [
         "",
@@ -102,6 +110,14 @@ def render(rows: list[dict]) -> str:
         END,
     ]
     return "\n".join(lines)
+
+
+def _form(row: dict, ok: bool) -> str:
+    """The drop-in checkpoint cell: what it carries, or why it failed."""
+    result = row["checkpoint"]
+    if "error" in result:
+        return f"✗ {result['error']}"
+    return f"{'✓' if ok else '✗'} {result['form']}"
 
 
 def main() -> None:
@@ -116,6 +132,7 @@ def main() -> None:
     from transformers.utils import logging
 
     from pipeline.moe.families import FAMILIES
+    from pipeline.testing.tiny_checkpoints import check_checkpoints
     from pipeline.testing.tiny_data import build_tiny_tokenizer, make_texts
 
     logging.set_verbosity_error()
@@ -127,14 +144,13 @@ def main() -> None:
         corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_texts(60, seed=1)))
         for family in families:
             rows.append(check(family, Path(tmp) / family, tokenizer, corpus))
-            capture, replace, end_to_end = passed(rows[-1])
-            print(
-                json.dumps(
-                    {"family": family, "capture": capture, "replace": replace, "end_to_end": end_to_end}
-                    | {"identity": rows[-1]["identity"], "e2e": rows[-1]["e2e"]}
-                ),
-                flush=True,
-            )
+            print(json.dumps({"family": family, "identity": rows[-1]["identity"], "e2e": rows[-1]["e2e"]}), flush=True)
+        # one batch for all families: their checkpoints load in one fresh interpreter
+        checkpoints = check_checkpoints(families, Path(tmp) / "checkpoints", tokenizer)
+        for row in rows:
+            row["checkpoint"] = checkpoints[row["family"]]
+            verdicts = dict(zip(("capture", "replace", "end_to_end", "checkpoint"), passed(row), strict=True))
+            print(json.dumps({"family": row["family"], **verdicts, "checkpoint_check": row["checkpoint"]}), flush=True)
     if args.families:
         return  # a subset is a check, not the matrix: the README table always covers every family
     readme = args.readme.read_text()
