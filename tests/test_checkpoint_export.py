@@ -22,9 +22,9 @@ from pipeline.router.lpr import LatentPrototypeRouter, spec_for
 from pipeline.router.native import drop_in_form, fold_router
 from pipeline.stages.distill import run_distill
 from pipeline.stages.export_checkpoint import export_checkpoint
-from pipeline.testing.tiny_checkpoints import SHARD, check_checkpoints, foldable_routers, passes
+from pipeline.testing.tiny_checkpoints import SHARD, check_checkpoints, differing_tensors, foldable_routers, passes
 from pipeline.testing.tiny_data import build_tiny_tokenizer, make_texts
-from pipeline.testing.tiny_families import perturb_gates, tiny_model
+from pipeline.testing.tiny_families import perturb_gates, save_tiny_llama4_checkpoint, tiny_model
 from storage.routers_store import read_layer_router, write_layer_router
 from tests.conftest import clustered_run
 from tests.test_cli import assert_one_line_error, invoke
@@ -105,6 +105,22 @@ def test_a_bfloat16_source_keeps_its_dtype(tmp_path, tokenizer):
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as handle:
         assert handle.get_tensor(key).dtype == torch.bfloat16
     assert 0 < written["cast_max_abs_error"] < 0.05  # the rounding to bfloat16, recorded
+
+
+def test_a_full_llama4_checkpoint_keeps_its_vision_tower(tmp_path, tokenizer):
+    """Released Llama 4 checkpoints are composite (model_type llama4, a vision tower, keys under
+    language_model.): AutoModelForCausalLM loads the text model; the export finds the router keys there."""
+    source = save_tiny_llama4_checkpoint(tmp_path / "source", tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    routers = foldable_routers(model, "llama4_text")
+    written = export_checkpoint(routers, source, tmp_path / "out")
+    assert all(key.startswith("language_model.") for key in written["router_tensors"])
+    assert differing_tensors(source, tmp_path / "out") == set(written["router_tensors"])
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    x = 0.2 * torch.randn(32, model.config.get_text_config().hidden_size, generator=torch.Generator().manual_seed(0))
+    for name, router in routers.items():
+        with torch.no_grad():
+            assert (loaded.get_submodule(name)(x)[1] - router(x)[1]).abs().max() <= 1e-5  # (scores, logits)
 
 
 def test_narrow_and_variational_dot_routers_fold_exactly():

@@ -21,7 +21,7 @@ from pipeline.router.lpr import LatentPrototypeRouter
 from pipeline.router.native import check_routers_fit, drop_in_form, fold_routers, state_keys
 from pipeline.stages.protocol import build_manifest, check_states_model
 from pipeline.version import __version__
-from storage.checkpoint import read_layout, write_checkpoint
+from storage.checkpoint import check_target, read_layout, write_checkpoint
 from storage.rundir import RunDir
 
 STAGE = "export_checkpoint"  # its own manifest, beside the LPR export's
@@ -42,6 +42,7 @@ def export_checkpoint(
     routers the family's tensors cannot express (naming ``router.form: native``)."""
     if "://" in str(out):
         raise LprError(f"--checkpoint {out} is not a local directory", "write the checkpoint to a local path")
+    check_target(Path(out))  # first: a bad target fails before any work
     directory = local_checkpoint(str(source), revision)
     config = load_config_at(directory)
     family = FAMILIES[family_of(config)]
