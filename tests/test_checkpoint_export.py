@@ -17,9 +17,10 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.errors import LprError
 from pipeline.moe.families import FAMILIES
+from pipeline.moe.loading import find_routers
 from pipeline.router.load import distilled_routers
 from pipeline.router.lpr import LatentPrototypeRouter, spec_for
-from pipeline.router.native import drop_in_form, fold_router
+from pipeline.router.native import FamilyRouter, drop_in_form, fold_router
 from pipeline.stages.distill import run_distill
 from pipeline.stages.export_checkpoint import export_checkpoint
 from pipeline.testing.tiny_checkpoints import SHARD, check_checkpoints, differing_tensors, foldable_routers, passes
@@ -121,6 +122,25 @@ def test_a_full_llama4_checkpoint_keeps_its_vision_tower(tmp_path, tokenizer):
     for name, router in routers.items():
         with torch.no_grad():
             assert (loaded.get_submodule(name)(x)[1] - router(x)[1]).abs().max() <= 1e-5  # (scores, logits)
+
+
+def test_routers_already_in_the_family_form_are_written_as_they_are(tmp_path, tokenizer):
+    """What a native distillation will hand over: the family's own tensors, no fold."""
+    model, source = _source(tmp_path, tokenizer, "deepseek_v3")
+    gen = torch.Generator().manual_seed(3)
+    native = {
+        site.name: FamilyRouter(torch.randn(8, 64, generator=gen), None, torch.rand(8, generator=gen))
+        for site in find_routers(model)
+    }
+    export_checkpoint(native, source, tmp_path / "out")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    for name, router in native.items():
+        gate = loaded.get_submodule(name)
+        assert torch.equal(gate.weight, router.weight.float())
+        assert torch.equal(gate.e_score_correction_bias, router.choice_bias.float())
+    wrong = {name: FamilyRouter(router.weight[:, :32], None, router.choice_bias) for name, router in native.items()}
+    with pytest.raises(LprError, match=r"weight \(8, 32\) ≠ the model's \(8, 64\)"):
+        export_checkpoint(wrong, source, tmp_path / "again")
 
 
 def test_narrow_and_variational_dot_routers_fold_exactly():

@@ -103,12 +103,16 @@ def fold_router(router: LatentPrototypeRouter, family: Family) -> FamilyRouter:
     )
 
 
-def fold_routers(routers: dict[str, LatentPrototypeRouter], family: Family) -> dict[str, FamilyRouter]:
-    """Every router folded (keyed by module name), or one line naming the first that does not fold."""
+Routers = dict[str, LatentPrototypeRouter | FamilyRouter]  # keyed by router module name
+
+
+def fold_routers(routers: Routers, family: Family) -> dict[str, FamilyRouter]:
+    """Every router in the family's form (LPRs folded, ``FamilyRouter``s as they are — what a native
+    distillation gives), or one line naming the first that does not fold."""
     folded, problems = {}, {}
     for name, router in routers.items():
         try:
-            folded[name] = fold_router(router, family)
+            folded[name] = router if isinstance(router, FamilyRouter) else fold_router(router, family)
         except ValueError as err:
             problems[name] = str(err)
     if problems:
@@ -118,7 +122,7 @@ def fold_routers(routers: dict[str, LatentPrototypeRouter], family: Family) -> d
     return folded
 
 
-def check_routers_fit(routers: dict[str, LatentPrototypeRouter], model: nn.Module, *, source: Any) -> None:
+def check_routers_fit(routers: Routers, model: nn.Module, *, source: Any) -> None:
     """The routers were made for ``model``'s architecture: sizes, weight convention and MoE layers
     (as ``load_lpr_model`` checks); one line naming the mismatches otherwise."""
     problems = next((p for name, r in routers.items() if (p := _mismatches(name, r, model.config))), [])
@@ -133,7 +137,12 @@ def check_routers_fit(routers: dict[str, LatentPrototypeRouter], model: nn.Modul
         )
 
 
-def _mismatches(name: str, router: LatentPrototypeRouter, config: Any) -> list[str]:
+def _mismatches(name: str, router: LatentPrototypeRouter | FamilyRouter, config: Any) -> list[str]:
+    if isinstance(router, FamilyRouter):  # the family's own tensors: only their shape can be wrong
+        expected = spec_for(config, latent_dim=1)
+        shape = (expected.num_experts, expected.hidden_size)
+        mine = tuple(router.weight.shape)
+        return [] if mine == shape else [f"router {name}'s weight {mine} ≠ the model's {shape}"]
     spec = router.spec
     expected = spec_for(config, latent_dim=spec.latent_dim, similarity=spec.similarity)
     return [

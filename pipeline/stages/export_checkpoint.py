@@ -17,8 +17,7 @@ from pipeline.moe.families import FAMILIES, family_of
 from pipeline.moe.loading import load_config, resolve_model_path
 from pipeline.progress import info
 from pipeline.router.load import distilled_routers
-from pipeline.router.lpr import LatentPrototypeRouter
-from pipeline.router.native import check_routers_fit, drop_in_form, fold_routers, state_keys
+from pipeline.router.native import Routers, check_routers_fit, drop_in_form, fold_routers, state_keys
 from pipeline.stages.protocol import build_manifest, check_states_model
 from pipeline.version import __version__
 from storage.checkpoint import check_target, read_layout, write_checkpoint
@@ -28,7 +27,7 @@ STAGE = "export_checkpoint"  # its own manifest, beside the LPR export's
 
 
 def export_checkpoint(
-    routers: dict[str, LatentPrototypeRouter],
+    routers: Routers,
     source: str | Path,
     out: str | Path,
     *,
@@ -36,7 +35,8 @@ def export_checkpoint(
     record: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``out``: the checkpoint ``source`` (a directory or hub id) with every router's tensors
-    replaced by ``routers`` folded into the family's form. Returns what was written.
+    replaced by ``routers`` (LPRs folded into the family's form, or ``FamilyRouter``s as they are).
+    Returns what was written.
 
     One-line errors, before anything is written: a bad target, routers made for another model, and
     routers the family's tensors cannot express (naming ``router.form: native``)."""
