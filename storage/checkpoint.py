@@ -21,10 +21,11 @@ How the files are written (measured on transformers 5.25, ext4, 2026-12-07):
   correctly in transformers 5.25 (it reads each key from the file the index names and ignores
   duplicates elsewhere), but vLLM keeps every file the index names and iterates *every* tensor of
   each, so a key in two files would load twice in an order nobody promises: not written.
-* On file systems with copy-on-write (btrfs, XFS) the copy is a reflink (``FICLONE``) and costs
-  no space; on ext4 it is a full copy. So a rewritten checkpoint costs the size of the shards that
-  hold a router: for a model whose every shard holds a layer's router (Qwen3-30B-A3B) that is the
-  whole model; the tensors themselves are a few MB.
+* The copy is first tried as a copy-on-write clone (``FICLONE``: btrfs, XFS with reflink; not
+  measured here), which costs no space; on ext4 (measured) the clone is refused and the bytes are
+  copied (``rewrite: "copy"`` in the record). So a rewritten checkpoint costs the size of the shards
+  that hold a router: for a model whose every shard holds a layer's router (Qwen3-30B-A3B) that is
+  the whole model, though the router tensors themselves are a few MB.
 
 The directory is written under ``<out>.partial`` and renamed at the end: ``out`` never exists
 half-written.
