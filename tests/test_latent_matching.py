@@ -51,3 +51,14 @@ def test_matching_recovers_a_planted_permutation():
     assert stats["chance_share"] == pytest.approx(2 * 2 / 8 / 2)
     _, perfect = match_clusters(clusters, teacher, experts)
     assert perfect["matched_share"] == 1.0
+
+
+def test_wide_basis_equals_sklearn_pca():
+    """A hidden size where only the top eigenpairs are computed (Lanczos), as at production widths."""
+    rng = np.random.default_rng(2)
+    x = (rng.normal(size=(3000, 300)) * np.linspace(3.0, 0.1, 300) + 1.0).astype(np.float32)
+    basis = fit_basis((torch.from_numpy(x[i : i + 1000]) for i in range(0, 3000, 1000)), 8)
+    reference = PCA(n_components=8, svd_solver="full").fit(x)
+    np.testing.assert_allclose(basis.explained_variance, reference.explained_variance_, rtol=1e-3)
+    np.testing.assert_allclose(np.abs(basis.components @ reference.components_.T), np.eye(8), atol=1e-3)
+    assert basis.variance_kept == pytest.approx(reference.explained_variance_ratio_.sum(), rel=1e-4)

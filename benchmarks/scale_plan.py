@@ -1,0 +1,177 @@
+"""From one run of ``benchmarks/scale.py`` to the full model at the default budgets, and the planning table.
+
+Extrapolation (``extrapolate``), stage by stage, from what the run measured on ``L`` MoE layers:
+
+* per-layer stages are measured per layer and multiplied by the full model's MoE layers: the cluster
+  stage at the default sample (``cluster-sample``), gate-level distillation with its training steps
+  scaled to ``distill.steps`` × ``distill.batch_rows`` and its calibration to ``router.calibration_rows``;
+* whole-model stages are split into what the timers saw (model loading, training, calibration,
+  held-out passes) and each part is scaled by its work in forward FLOPs, the benchmark's against the
+  defaults' on the full model: tokens × FLOPs per token of the layers it runs through
+  (``scale_geometries.layer_flops``: 2 × active weights; attention scores and sequence length ignored),
+  ×3 for a training step (teacher, student, backward), layer l's calibration pass stopping at l;
+  model loading by the weights' bytes. All FLOPs count the same: an estimate for planning, not a promise.
+
+``write_table`` turns the saved results (``benchmarks/results/scale-*.json``) into ``docs/planning.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from scale_geometries import GEOMETRIES, Geometry, dense_layer_flops, head_flops, layer_flops, model_bytes
+
+from pipeline.config import RunConfig
+
+SHARED_BYTES = 4 + 8 + 4  # token_id int32, doc_id int64, position int32 per token
+
+
+def _stack(g: Geometry, layers: int, built: bool) -> float:
+    """Forward FLOPs per token through the decoder stack (no head)."""
+    if built:
+        return layers * layer_flops(g, built=True)
+    return g.moe_layers * layer_flops(g) + g.dense_layers * dense_layer_flops(g)
+
+
+def _calibration_pass(g: Geometry, layers: int, built: bool) -> float:
+    """FLOPs per token of calibrating every layer once: layer l's pass stops at l (dense layers first)."""
+    per = layer_flops(g, built=built)
+    dense = 0 if built else g.dense_layers * dense_layer_flops(g)
+    return per * layers * (layers + 1) / 2 + dense * layers
+
+
+def _model_level_work(cfg: RunConfig, g: Geometry, layers: int, built: bool) -> tuple[float, float]:
+    """(training work, final calibration work) in FLOPs: the model-level phase at ``cfg``."""
+    d, s = cfg.distill, cfg.corpus.seq_len
+    full = _stack(g, layers, built) + head_flops(g)
+    calibrate = _calibration_pass(g, layers, built)
+    train = d.model_steps * d.model_batch_sequences * s * 3 * full
+    train += (d.model_steps // d.model_eval_every + 1) * d.model_val_sequences * s * 2 * full
+    if d.model_calibrate_every and d.model_steps:
+        calibrations = 1 + (d.model_steps - 1) // d.model_calibrate_every
+        train += calibrations * min(d.model_calibration_sequences, d.calibration_sequences) * s * calibrate
+    return train, d.calibration_sequences * s * calibrate
+
+
+def _seconds(stage: dict[str, Any], key: str) -> float:
+    return float(stage.get("timers", {}).get(key, {}).get("seconds", 0.0))
+
+
+def extrapolate(result: dict[str, Any], bench: RunConfig, default: RunConfig | None = None) -> dict[str, Any]:
+    """Hours per stage and disk for the states of the full model at ``default`` (RunConfig()) budgets."""
+    default = default or RunConfig()
+    g = GEOMETRIES[result["geometry"]]
+    layers, stages = result["layers"], result["stages"]
+    tokens_b, tokens_d = result["tokens"], default.dump.max_tokens
+    load_scale = model_bytes(g) / model_bytes(g, layers=layers, built=True)
+    out: dict[str, float] = {}
+
+    dump = stages["dump"]
+    loop = dump["loop_seconds"] * (tokens_d * _stack(g, layers, False)) / (tokens_b * _stack(g, layers, True))
+    out["dump"] = loop + _seconds(dump, "load") * load_scale
+
+    sample = stages.get("cluster-sample") or stages["cluster"]
+    per_layer = sample["seconds_per_layer"]
+    out["cluster"] = per_layer * g.moe_layers
+
+    gate = stages["distill-gate"]
+    rows_b = min(bench.router.calibration_rows, tokens_b)
+    rows_d = min(default.router.calibration_rows, tokens_d)
+    steps = (default.distill.steps * default.distill.batch_rows) / (bench.distill.steps * bench.distill.batch_rows)
+    rows = _seconds(gate, "init") + _seconds(gate, "bias")  # temperature and bias calibrations on stored rows
+    rest = gate["seconds"] - _seconds(gate, "train") - rows  # start-up, reads, writes
+    out["distill-gate"] = (_seconds(gate, "train") * steps + rows * rows_d / rows_b) * g.moe_layers / layers + rest
+
+    model = stages["distill-model"]
+    train_b, calib_b = _model_level_work(bench, g, layers, True)
+    train_d, calib_d = _model_level_work(default, g, g.moe_layers, False)
+    final_calibration = _seconds(model, "calibrate") - _seconds(model, "train>calibrate")
+    rest = model["seconds"] - _seconds(model, "load") - _seconds(model, "train") - final_calibration
+    out["distill-model"] = _seconds(model, "train") * train_d / train_b + rest + _seconds(model, "load") * load_scale
+    out["distill-model"] += final_calibration * calib_d / calib_b
+    out["calibration"] = final_calibration * calib_d / calib_b  # the final calibration, part of distill-model
+
+    val = stages["validate"]
+    v_b, v_d = bench.validate, default.validate
+    held_b = v_b.sequences * bench.corpus.seq_len * (_stack(g, layers, True) + head_flops(g))
+    held_d = v_d.sequences * default.corpus.seq_len * (_stack(g, g.moe_layers, False) + head_flops(g))
+    lpr_init = _seconds(val, "lpr-init") * g.moe_layers / layers * rows_d / rows_b
+    rest = val["seconds"] - sum(_seconds(val, k) for k in ("load", "heldout", "calibrate", "lpr-init"))
+    out["validate"] = (
+        _seconds(val, "heldout") * held_d / held_b
+        + _seconds(val, "calibrate") * calib_d / calib_b
+        + lpr_init
+        + _seconds(val, "load") * load_scale
+        + rest
+    )
+    out["export"] = stages["export"]["seconds"] - _seconds(stages["export"], "load") * (1 - load_scale)
+
+    layer_bytes = (dump["bytes"] - SHARED_BYTES * tokens_b) / (tokens_b * layers)
+    states = tokens_d * (SHARED_BYTES + g.moe_layers * layer_bytes)
+    return {
+        "hours": {k: round(v / 3600, 2) for k, v in out.items()},
+        "states_gb": round(states / 1e9, 1),
+        "state_bytes_per_token_layer": round(layer_bytes, 1),
+        "model_gb_bf16": round(model_bytes(g) / 1e9, 1),
+        "tokens": tokens_d,
+        "moe_layers": g.moe_layers,
+    }
+
+
+BOUNDS = {
+    "dump": "the model; dump.batch_tokens",
+    "cluster": "cluster.sample_rows × (latent + experts); cluster.block_rows × hidden; hidden² (PCA)",
+    "distill-gate": "distill.buffer_rows × hidden; router.calibration_rows × experts",
+    "distill-model": "the model; distill.model_batch_sequences × seq_len × vocab; "
+    "distill.calibration_sequences × seq_len × experts",
+    "validate": "the model; validate.batch_size × seq_len × vocab; distill.calibration_sequences × seq_len × experts",
+    "export": "the model (loading the exported routers into it)",
+}
+
+
+def write_table(results: list[dict[str, Any]], path: Path) -> None:
+    """``docs/planning.md`` from saved benchmark results (one JSON object each)."""
+    lines = [
+        "# Planning a run",
+        "",
+        "Generated by `python benchmarks/scale.py --table` from `benchmarks/results/scale-*.json` (one run of",
+        "`benchmarks/scale.py --geometry NAME` each; do not edit by hand). Full model at the default budgets:",
+        f"{RunConfig().dump.max_tokens:,} dumped tokens, `distill.steps` {RunConfig().distill.steps}, "
+        f"`distill.model_steps` {RunConfig().distill.model_steps}, "
+        f"`distill.calibration_sequences` {RunConfig().distill.calibration_sequences}, "
+        f"`validate.sequences` {RunConfig().validate.sequences}.",
+        "Hours are on the benchmark's machine (2 CPU cores, float32), extrapolated from a run on a few layers",
+        "(`benchmarks/scale_plan.py` says how); whole-model stages need the model in memory, which on a CPU",
+        "is 4 bytes per weight: only the smallest fit 24 GB.",
+        "",
+        "| geometry | MoE layers | states on disk | model (bf16) | dump h | cluster h | gate-level h | "
+        "model-level h | calibration h | validate h | cluster s/layer | measured on |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(results, key=lambda r: list(GEOMETRIES).index(r["geometry"])):
+        e, h = r["full_model"], r["full_model"]["hours"]
+        lines.append(
+            f"| {r['geometry']} | {e['moe_layers']} | {e['states_gb']} GB | {e['model_gb_bf16']} GB | {h['dump']} | "
+            f"{h['cluster']} | {h['distill-gate']} | {h['distill-model']} | {h['calibration']} | {h['validate']} | "
+            f"{r['cluster_seconds_per_layer']} | {r['layers']} layers, {r['tokens']:,} tokens, {r['date']} "
+            f"{r['commit']} |"
+        )
+    lines += ["", "Measured per stage (peak RSS of the stage's process; bytes it wrote):", ""]
+    lines += ["| geometry | stage | seconds | peak RSS MiB | bytes |", "|---|---|---|---|---|"]
+    for r in results:
+        for name, stage in r["stages"].items():
+            lines.append(
+                f"| {r['geometry']} | {name} | {stage['seconds']} | {stage['peak_rss_mib']} | {stage['bytes']:,} |"
+            )
+    lines += ["", "What bounds each stage's memory (config keys; none grows with the token budget):", ""]
+    lines += [f"- **{stage}**: {text}" for stage, text in BOUNDS.items()]
+    notes = [f"- **{r['geometry']}**: {r['reduced']}" for r in results if r.get("reduced")]
+    if notes:
+        lines += ["", "Built below the published geometry:", "", *notes]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def load_results(folder: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("scale-*.json"))]
