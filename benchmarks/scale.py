@@ -239,8 +239,10 @@ def main() -> None:
     print_table(result)
     line = json.dumps(result, default=float)
     if args.save:
+        g = GEOMETRIES[result["geometry"]]
+        variant = "" if (args.layers, result["tokens"]) == (2, g.tokens) else f"-{args.layers}L-{result['tokens']}T"
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"scale-{result['geometry']}.json").write_text(line + "\n")
+        (RESULTS / f"scale-{g.name}{variant}.json").write_text(line + "\n")
     print(line)
 
 

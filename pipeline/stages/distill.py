@@ -98,6 +98,17 @@ def starting_routers(
     return routers, metas
 
 
+def first_rows(ranges: list[tuple[int, int]], rows: int) -> list[tuple[int, int]]:
+    """The leading ``ranges`` cut to hold ``rows`` rows in all (or every row, if they hold fewer)."""
+    kept = []
+    for start, stop in ranges:
+        if rows <= 0:
+            break
+        kept.append((start, min(stop, start + rows)))
+        rows -= kept[-1][1] - start
+    return kept
+
+
 def gate_path(run: RunDir) -> str:
     """Where the gate-level routers are written while the stage runs (``routers/gate/`` once committed)."""
     return f"{run.partial_path(STAGE)}/gate"
@@ -114,9 +125,9 @@ def distill_one(*, cfg: RunConfig, run: RunDir, reader: StatesReader, layer: str
     router, meta, calibration = init.router, init.meta, init.calibration
     seed = cfg.seed + meta["layer_index"]
     train, val_ranges = split_chunks(reader.num_rows, reader.chunk_rows, cfg.distill.heldout_share, seed)
-    val_x = torch.cat([reader.read_x(layer, a, b).float() for a, b in val_ranges])[: cfg.distill.val_rows]
+    val_ranges = first_rows(val_ranges, cfg.distill.val_rows)  # not every held-out chunk: they grow with the dump
+    val_x = torch.cat([reader.read_x(layer, a, b).float() for a, b in val_ranges])
     val_t = torch.from_numpy(np.concatenate([reader.read("logits", a, b, layer=layer) for a, b in val_ranges]))
-    val_t = val_t[: cfg.distill.val_rows]
     batches = shuffled_batches(
         reader, layer, train, batch_rows=cfg.distill.batch_rows, buffer_rows=cfg.distill.buffer_rows, seed=seed
     )
