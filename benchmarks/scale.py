@@ -62,9 +62,10 @@ def bench_config(
             "model_val_sequences": 2,
             "model_eval_every": 2,
             "model_calibration_sequences": 4,
-            "calibration_sequences": 16,
+            "calibration_sequences": 8,
         },
-        "validate": {"tasks": [], "sequences": 8, "batch_size": 4},
+        # the bias baseline at strengths 0 and 1 only (both measured anyway): 4 held-out passes, not 8
+        "validate": {"tasks": [], "sequences": 8, "batch_size": 4, "bias_strengths": [0.0, 1.0]},
     }
 
 
@@ -120,12 +121,16 @@ def _device() -> str:
 
 
 def _commit() -> str:
+    """The commit the run starts from, ``+changes`` when pipeline/, storage/ or benchmarks/ differ from it."""
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return out.stdout.strip() or "unknown"
+    paths = ["pipeline", "storage", "benchmarks"]
+    changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *paths], cwd=ROOT).returncode != 0
+    return (out.stdout.strip() or "unknown") + ("+changes" if changed else "")
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     g = GEOMETRIES[args.geometry]
+    commit = _commit()
     tokens = args.tokens or g.tokens
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -159,7 +164,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{'cluster-sample':>14}: {sample['seconds']:8.1f} s  {sample['peak_rss_mib']:9.0f} MiB", flush=True)
         if not args.keep:
             shutil.rmtree(fill_dir)
-    result = summarise(g, args, tokens, stages, built, build_config(config))
+    result = summarise(g, args, tokens, stages, built, build_config(config)) | {"commit": commit}
     if not args.keep:
         shutil.rmtree(run_dir)
     return result
@@ -182,7 +187,6 @@ def summarise(
         "device": _device(),
         "load_average": round(os.getloadavg()[0], 2),
         "date": time.strftime("%Y-%m-%d"),
-        "commit": _commit(),
         "reduced": g.why,
         "build": built,  # None: the checkpoint was built by an earlier run
         "stages": stages,

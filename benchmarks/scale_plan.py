@@ -55,6 +55,14 @@ def _model_level_work(cfg: RunConfig, g: Geometry, layers: int, built: bool) -> 
     return train, d.calibration_sequences * s * calibrate
 
 
+def heldout_passes(cfg: RunConfig) -> int:
+    """Passes of validate over its held-out sequences: one per variant, and one per extra bias strength
+    (strengths 0 and 1 are the original gate and original+bias, measured once)."""
+    v = cfg.validate
+    extra = [s for s in v.bias_strengths if s not in (0.0, 1.0)] if "original+bias" in v.variants else []
+    return len(v.variants) + len(extra)
+
+
 def _seconds(stage: dict[str, Any], key: str) -> float:
     return float(stage.get("timers", {}).get(key, {}).get("seconds", 0.0))
 
@@ -95,8 +103,9 @@ def extrapolate(result: dict[str, Any], bench: RunConfig, default: RunConfig | N
 
     val = stages["validate"]
     v_b, v_d = bench.validate, default.validate
-    held_b = v_b.sequences * bench.corpus.seq_len * (_stack(g, layers, True) + head_flops(g))
-    held_d = v_d.sequences * default.corpus.seq_len * (_stack(g, g.moe_layers, False) + head_flops(g))
+    held_b = heldout_passes(bench) * v_b.sequences * bench.corpus.seq_len * (_stack(g, layers, True) + head_flops(g))
+    held_d = heldout_passes(default) * v_d.sequences * default.corpus.seq_len
+    held_d *= _stack(g, g.moe_layers, False) + head_flops(g)
     lpr_init = _seconds(val, "lpr-init") * g.moe_layers / layers * rows_d / rows_b
     rest = val["seconds"] - sum(_seconds(val, k) for k in ("load", "heldout", "calibrate", "lpr-init"))
     out["validate"] = (
