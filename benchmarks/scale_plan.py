@@ -117,10 +117,17 @@ def extrapolate(result: dict[str, Any], bench: RunConfig, default: RunConfig | N
     )
     out["export"] = stages["export"]["seconds"] - _seconds(stages["export"], "load") * (1 - load_scale)
 
+    work = {  # forward-equivalent FLOPs of the whole-model stages at the defaults: divide by a GPU's rate
+        "dump": tokens_d * _stack(g, g.moe_layers, False),
+        "distill-model": train_d + calib_d,
+        "calibration": calib_d,
+        "validate": held_d + calib_d,
+    }
     layer_bytes = (dump["bytes"] - SHARED_BYTES * tokens_b) / (tokens_b * layers)
     states = tokens_d * (SHARED_BYTES + g.moe_layers * layer_bytes)
     return {
         "hours": {k: round(v / 3600, 2) for k, v in out.items()},
+        "pflop": {k: round(v / 1e15, 1) for k, v in work.items()},
         "states_gb": round(states / 1e9, 1),
         "state_bytes_per_token_layer": round(layer_bytes, 1),
         "model_gb_bf16": round(model_bytes(g) / 1e9, 1),
@@ -175,6 +182,21 @@ def write_table(results: list[dict[str, Any]], path: Path) -> None:
             f"| {r['geometry']} | {e['moe_layers']} | {e['states_gb']} GB | {e['model_gb_bf16']} GB | {h['dump']} | "
             f"{h['cluster']} | {h['distill-gate']} | {h['distill-model']} | {h['calibration']} | {h['validate']} | "
             f"{r['device']}, load {r['load_average']}, {r['date']}, {r['commit']} |"
+        )
+    lines += [
+        "",
+        "Work of the whole-model stages at the same budgets, in PFLOP (forward-equivalent, as the extrapolation",
+        "counts it): divided by a GPU's sustained rate it gives a lower bound on the GPU hours (an H100 at 40 %",
+        "of its 990 dense bfloat16 TFLOP/s does about 1,400 PFLOP an hour).",
+        "",
+        "| geometry | dump | model-level distillation | of which calibration | validate |",
+        "|---|---|---|---|---|",
+    ]
+    for r in plans:
+        w = r["full_model"].get("pflop", {})
+        lines.append(
+            f"| {r['geometry']} | {w.get('dump')} | {w.get('distill-model')} | {w.get('calibration')} | "
+            f"{w.get('validate')} |"
         )
     lines += [
         "",

@@ -178,6 +178,7 @@ def _child(stage: str, run_dir: Path, out: Path) -> None:
     import pipeline.training.model_level as model_level
     from pipeline.config import build_config, read_yaml
     from storage.rundir import RunDir
+    from storage.states import StatesReader
 
     cfg = build_config(read_yaml(run_dir / "config.yaml"))
     run = RunDir(str(run_dir))
@@ -193,6 +194,8 @@ def _child(stage: str, run_dir: Path, out: Path) -> None:
         (model_level, "distill_in_model", "train"),
         (calibrate, "calibrate_in_model", "calibrate"),
         (heldout, "measure", "heldout"),
+        (pca.LatentBasis, "project", "project"),
+        (StatesReader, "read_x", "read"),
     ):
         timers.wrap_everywhere(owner, attr, key)
     report: dict[str, Any] = {}
@@ -211,8 +214,6 @@ def _child(stage: str, run_dir: Path, out: Path) -> None:
         report["layers"] = {"layer_000": cluster.layer_summary(meta)}
         report["kmeans"] = {k: meta["kmeans"][k] for k in _KMEANS_KEYS}
     elif stage == "distill-gate":
-        from storage.states import StatesReader
-
         _, _, fp = distill.distill_identity(cfg, run)
         reader = StatesReader(run.url_of(run.output_path("dump")))
         model_config = loading.load_config(cfg.model, loading.resolve_model_path(cfg))
