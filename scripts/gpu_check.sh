@@ -4,7 +4,9 @@
 #   bash scripts/gpu_check.sh [GEOMETRY] [LAYERS]     (default: qwen3-30b-a3b, 2 MoE layers)
 #
 # CUDA torch is expected to be installed already (the gpu extra adds faiss-gpu-cu12; pip keeps the
-# CUDA torch since any torch 2.x satisfies the requirement). Prints the test summary, then the
+# CUDA torch since any torch 2.x satisfies the requirement). On a machine with no network, put the
+# wheels of what it lacks in .whl/ first (pip download --only-binary=:all: for its Python and
+# platform): they are installed from there with --no-index. Prints the test summary, then the
 # benchmark's table and its JSON line; writes both under ${OUT:-/tmp/gpu-check}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +22,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 
 echo "== install (editable, gpu + dev + eval extras)"
 started=$(date +%s)
-"$PYTHON" -m pip install -q -e ".[gpu,dev,eval]" 2>&1 | tail -3
+if [ -d .whl ]; then
+    "$PYTHON" -m pip install -q --no-index --find-links .whl -e ".[gpu,dev,eval]" 2>&1 | tail -3
+else
+    "$PYTHON" -m pip install -q -e ".[gpu,dev,eval]" 2>&1 | tail -3
+fi
 "$PYTHON" -c "import faiss, torch; print('faiss', faiss.__version__, 'GPUs seen by FAISS:', faiss.get_num_gpus()); assert torch.cuda.is_available(), 'torch sees no CUDA GPU'"
 echo "install: $(( $(date +%s) - started )) s"
 
