@@ -203,17 +203,20 @@ def write_table(results: list[dict[str, Any]], path: Path) -> None:
         "## Measured",
         "",
         "Each stage in its own process on the benchmark's model (2 MoE layers; `tokens` dumped): wall and CPU",
-        "seconds, peak RSS (VmHWM), bytes written. `cluster-sample`: one layer clustered at the default sample",
-        "(262,144 rows; its seconds are the cluster seconds per layer above).",
+        "seconds, peak RSS (VmHWM: the checkpoint's file pages mapped while the model loads count in it),",
+        "peak anonymous memory (RssAnon, sampled every 0.2 s: the process's own), bytes written.",
+        "`cluster-sample`: one layer clustered at the default sample (262,144 rows): the cluster seconds per layer.",
         "",
-        "| geometry | stage | seconds | CPU s | peak RSS MiB | bytes |",
-        "|---|---|---|---|---|---|",
+        "| geometry | stage | seconds | CPU s | peak RSS MiB | anonymous MiB | bytes |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in plans:
         for name, stage in r["stages"].items():
+            anonymous = stage.get("peak_anonymous_mib")
             lines.append(
                 f"| {r['geometry']} ({r['tokens']:,} tokens) | {name} | {stage['seconds']} | "
-                f"{stage.get('cpu_seconds', '')} | {stage['peak_rss_mib']:,.0f} | {stage['bytes']:,} |"
+                f"{stage.get('cpu_seconds', '')} | {stage['peak_rss_mib']:,.0f} | "
+                f"{'' if anonymous is None else f'{anonymous:,.0f}'} | {stage['bytes']:,} |"
             )
     checks = memory_checks(results)
     if checks:
