@@ -13,7 +13,7 @@ from pipeline.config import DistillConfig, build_config
 from pipeline.errors import LprError
 from pipeline.evaluation.heldout import heldout_sequences, measure
 from pipeline.evaluation.report import frontier_dominance, interpolate_ce, pick_winner
-from pipeline.evaluation.slices import slices_markdown, worst_slice
+from pipeline.evaluation.slices import EMPTY, slices_markdown, worst_slice
 from pipeline.evaluation.variants import VARIANTS, VariantSwitcher, check_fit
 from pipeline.moe.loading import find_routers, load_model
 from pipeline.stages.distill import run_distill
@@ -179,6 +179,8 @@ def test_a_slice_too_small_to_say_gives_no_figure():
     assert "| tiny | lpr | 2 | 300 | too few documents to say (floor 0.300 > 0.1)" in text
     assert "0.600" not in text
     assert worst_slice({"tiny": figures["tiny"]}) is None
+    empty = {"variants": {"lpr": {"none": dict(EMPTY)}}, "worst": {"lpr": None}, "max_floor": 0.1}
+    assert "| none | lpr | 0 | 0 | too few documents to say (no full sequence)" in "\n".join(slices_markdown(empty))
 
 
 @pytest.mark.slow

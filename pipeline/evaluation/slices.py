@@ -28,15 +28,18 @@ def slice_sources(cfg: RunConfig) -> dict[str, str]:
     return dict(DEMO_SLICES) if cfg.corpus.source == "demo" else {}
 
 
-def slice_heldouts(cfg: RunConfig, tokenizer: Any) -> dict[str, HeldOut]:
-    """Each slice's held-out sequences (at most ``validate.slice_sequences``), read once for every variant."""
-    held = {}
+def slice_heldouts(cfg: RunConfig, tokenizer: Any) -> dict[str, HeldOut | None]:
+    """Each slice's held-out sequences (at most ``validate.slice_sequences``), read once for every
+    variant; None for a slice whose held-out documents give no full sequence (too small to say)."""
+    held: dict[str, HeldOut | None] = {}
     for name, source in slice_sources(cfg).items():
         corpus = cfg.corpus.model_copy(update={"source": source, "format": "auto", "include": None})
         try:
             held[name] = heldout_sequences(cfg, tokenizer, cfg.validate.slice_sequences, corpus=corpus)
         except LprError as err:
-            raise LprError(f"validate.slices '{name}': {err.message}", err.hint) from None
+            if "give no sequence" not in err.message:  # a missing or unreadable source is the user's to fix
+                raise LprError(f"validate.slices '{name}': {err.message}", err.hint) from None
+            held[name] = None
     return held
 
 
@@ -58,10 +61,17 @@ def slice_figures(result: dict[str, Any], max_floor: float) -> dict[str, Any]:
     return figures
 
 
-def measure_slices(model: nn.Module, slices: dict[str, HeldOut], *, cfg: RunConfig, teachers: dict) -> dict[str, dict]:
+EMPTY = {"documents": 0, "tokens": 0, "floor": None, "too_small": True}  # a slice with no full held-out sequence
+
+
+def measure_slices(
+    model: nn.Module, slices: dict[str, HeldOut | None], *, cfg: RunConfig, teachers: dict
+) -> dict[str, dict]:
     """Slice name → figures for the routing the model has now."""
     return {
-        name: slice_figures(measure(model, held, cfg=cfg, teachers=teachers), cfg.validate.slice_max_floor)
+        name: dict(EMPTY)
+        if held is None
+        else slice_figures(measure(model, held, cfg=cfg, teachers=teachers), cfg.validate.slice_max_floor)
         for name, held in slices.items()
     }
 
@@ -72,7 +82,8 @@ def slices_report(cfg: RunConfig, measured: dict[str, dict[str, dict]]) -> dict[
     base = measured.get("original", {})
     for figures in measured.values():
         for name, f in figures.items():
-            f["delta_ce_pct"] = (f["cross_entropy"] / base[name]["cross_entropy"] - 1) * 100 if name in base else None
+            known = "cross_entropy" in f and "cross_entropy" in base.get(name, {})
+            f["delta_ce_pct"] = (f["cross_entropy"] / base[name]["cross_entropy"] - 1) * 100 if known else None
     return {
         "sources": slice_sources(cfg),
         "max_floor": cfg.validate.slice_max_floor,
@@ -105,7 +116,8 @@ def slices_markdown(slices: dict[str, Any]) -> list[str]:
     for variant, figures in by_variant.items():
         for name, f in figures.items():
             if f["too_small"]:
-                cells = f"too few documents to say (floor {f['floor']:.3f} > {slices['max_floor']:g}) | | | |"
+                why = "no full sequence" if f["floor"] is None else f"floor {f['floor']:.3f} > {slices['max_floor']:g}"
+                cells = f"too few documents to say ({why}) | | | |"
                 lines.append(f"| {name} | {variant} | {f['documents']} | {f['tokens']:,} | {cells} |")
                 continue
             lines.append(
