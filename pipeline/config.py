@@ -79,6 +79,9 @@ class ClusterConfig(_Section):
     pca_rows: int = Field(65_536, ge=2)  # of those, rows the PCA covariance is accumulated over
     block_rows: int = Field(16_384, ge=1)  # rows read and projected at a time
     iterations: int = Field(25, ge=1)  # Lloyd iterations (plus one final exact assignment)
+    # the Lloyd iterations run on this many sampled rows per expert (FAISS's default), the final exact assignment
+    # on all of them; null: every iteration on the whole sample (at 128 experts, top-8: 4-5x slower, same MSE)
+    fit_rows_per_expert: int | None = Field(256, ge=1)
     assign_k: int | None = Field(None, ge=1)  # clusters per token; null: the model's top-k (balanced slots)
     tol: float = Field(1e-4, gt=0, lt=1)  # final assignment within this relative cost of the optimum
 

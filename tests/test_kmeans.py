@@ -282,3 +282,17 @@ def test_bad_input_is_one_line_error(x, k, top_k, message):
     with pytest.raises(LprError, match=message) as err:
         balanced_kmeans(x, k, top_k=top_k, niter=1)
     assert "\n" not in str(err.value)
+
+
+def test_iterations_on_a_sample_then_every_row_assigned_optimally():
+    """fit_rows: Lloyd on a sample, then one exact assignment of every row for the final centroids."""
+    n = 300
+    x = _points(n, 3, 4)
+    result, stats = balanced_kmeans(x, 6, top_k=2, niter=5, seed=4, tol=1e-6, fit_rows=60)
+    assert (stats["fit_rows"], stats["rows"], result.assignment.shape) == (60, n, (n, 2))
+    assert result.sizes.max() - result.sizes.min() <= 1 and result.sizes.sum() == n * 2
+    optimum = exact_topk_cost(_costs(x, result.centroids), 2)
+    total = stats["inertia"][-1] * n * 2
+    assert optimum * (1 - 1e-5) - 1e-4 <= total <= optimum * (1 + 1e-5) + 1e-4
+    with pytest.raises(LprError, match=r"fit_rows=4 should be ≥ k=6"):
+        balanced_kmeans(x, 6, fit_rows=4)

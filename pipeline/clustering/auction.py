@@ -82,7 +82,7 @@ def _evict(old, j, n_points, held, n_held, queue, in_queue, tail):  # pragma: no
 
 
 @njit(cache=True)
-def _auction_phase(costs, kp, n_dummies, eps, hp, ho, ep, eo, held, n_held, waiting, hurt):  # pragma: no cover
+def _auction_phase(costs, kp, n_dummies, eps, hp, ho, ep, eo, free, held, n_held, waiting, hurt):  # pragma: no cover
     """One ε-phase, prices kept: the ``waiting`` points and every dummy bid until every hand holds a slot.
 
     costs: (N, k) float32, waiting: (L,) int64 points with a free hand. Marks in ``hurt`` (N,) bool the
@@ -97,7 +97,7 @@ def _auction_phase(costs, kp, n_dummies, eps, hp, ho, ep, eo, held, n_held, wait
     head = 0
     top_j = np.empty(kp + 1, np.int64)
     top_w = np.empty(kp + 1, np.float64)
-    price = cluster_prices(hp, ep)
+    price = cluster_prices(hp, ep, free)
     mark = np.zeros(k, np.bool_)
     flat = costs.reshape(-1)
     bids = 0
@@ -108,7 +108,7 @@ def _auction_phase(costs, kp, n_dummies, eps, hp, ho, ep, eo, held, n_held, wait
         bids += 1
         prefetch_next(flat, queue, head, tail, n, k)
         if person >= n:  # a dummy: only extra slots
-            j, old = dummy_bid(person, eps, hp, ep, eo, price)
+            j, old = dummy_bid(person, eps, hp, ep, eo, free, price)
             tail = _evict(old, j, n, held, n_held, queue, in_queue, tail)
             continue
         i = person
@@ -120,7 +120,7 @@ def _auction_phase(costs, kp, n_dummies, eps, hp, ho, ep, eo, held, n_held, wait
         for s in range(min(want, got)):
             j = top_j[s]
             margin = top_w[s] - w_next if w_next > -INF else 0.0
-            old = take_slot(j, i, margin, eps, hp, ho, ep, eo, price)
+            old = take_slot(j, i, margin, eps, hp, ho, ep, eo, free, price)
             for h in range(kp):
                 if held[i, h] < 0:
                     held[i, h] = j
@@ -133,7 +133,7 @@ def _auction_phase(costs, kp, n_dummies, eps, hp, ho, ep, eo, held, n_held, wait
 
 
 @njit(cache=True)
-def _auction_phase_top1(costs, n_dummies, eps, hp, ho, ep, eo, held, waiting):  # pragma: no cover - compiled
+def _auction_phase_top1(costs, n_dummies, eps, hp, ho, ep, eo, free, held, waiting):  # pragma: no cover - compiled
     """``_auction_phase`` for one hand per point: the same bids in the same order, about 2× faster.
 
     With one hand, a person in the queue holds nothing and a person holding a slot is not in the
@@ -146,7 +146,7 @@ def _auction_phase_top1(costs, n_dummies, eps, hp, ho, ep, eo, held, waiting):  
     queue, tail = start_queue(waiting, n, n_dummies)
     qsize = queue.shape[0]
     head = 0
-    price = cluster_prices(hp, ep)
+    price = cluster_prices(hp, ep, free)
     value = np.empty(k)
     flat = costs.reshape(-1)
     bids = 0
@@ -156,10 +156,10 @@ def _auction_phase_top1(costs, n_dummies, eps, hp, ho, ep, eo, held, waiting):  
         bids += 1
         prefetch_next(flat, queue, head, tail, n, k)
         if person >= n:  # a dummy: only extra slots
-            j, old = dummy_bid(person, eps, hp, ep, eo, price)
+            j, old = dummy_bid(person, eps, hp, ep, eo, free, price)
         else:
             j, w1, w2 = best_two(costs[person], price, value)
-            old = take_slot(j, person, w1 - w2 if w2 > -INF else 0.0, eps, hp, ho, ep, eo, price)
+            old = take_slot(j, person, w1 - w2 if w2 > -INF else 0.0, eps, hp, ho, ep, eo, free, price)
             held[person, 0] = j
         if old >= 0:
             if old < n:
@@ -196,6 +196,7 @@ def auction(
     ho = np.empty((k, cap), np.int64)
     ep = np.asarray(prices, np.float64).copy() if extra else np.full(k, np.inf)
     eo = np.empty(k, np.int64)
+    free = np.zeros(k, np.int64)  # empty ordinary slots per cluster (none: hp holds the starting prices)
     held = np.empty((n, kp), np.int64)
     n_held = np.empty(n, np.int64)
     bids = 0
@@ -204,22 +205,25 @@ def auction(
         keep[:] = start
     for eps in eps_schedule:
         for _ in range(_MAX_REPEATS + 1):
-            hp[:] = hp[:, :1]  # every slot at the cluster's price: the cluster's price does not move
+            # every slot empty, at the price of the cheapest ordinary one: the cluster's price does not move
+            hp[:] = cluster_prices(hp, np.full(k, np.inf), free)[:, None]
+            free[:] = cap
             ho[:] = -1
             eo[:] = -1
             held[:] = -1
             n_held[:] = 0
             if kp == 1:
-                waiting = first_round(costs, float(eps), hp, ho, ep, held, n_held, keep[:, 0])
-                bids += n + int(_auction_phase_top1(costs, n_dummies, float(eps), hp, ho, ep, eo, held, waiting))
+                waiting = first_round(costs, float(eps), hp, ho, ep, free, held, n_held, keep[:, 0])
+                phase = _auction_phase_top1(costs, n_dummies, float(eps), hp, ho, ep, eo, free, held, waiting)
+                bids += n + int(phase)
             else:
-                waiting, stayed = stay_round(costs, float(eps), hp, ho, ep, held, n_held, keep)
+                waiting, stayed = stay_round(costs, float(eps), hp, ho, ep, free, held, n_held, keep)
                 hurt = np.zeros(n, np.bool_)
                 bids += stayed + int(
-                    _auction_phase(costs, kp, n_dummies, float(eps), hp, ho, ep, eo, held, n_held, waiting, hurt)
+                    _auction_phase(costs, kp, n_dummies, float(eps), hp, ho, ep, eo, free, held, n_held, waiting, hurt)
                 )
             keep[:] = held
-            if kp == 1 or not unhappy(costs, held, cluster_prices(hp, ep), float(eps), hurt):
+            if kp == 1 or not unhappy(costs, held, cluster_prices(hp, ep, free), float(eps), hurt):
                 break
         else:
             warnings.warn(
@@ -228,4 +232,4 @@ def auction(
                 RuntimeWarning,
                 stacklevel=2,
             )
-    return held, cluster_prices(hp, ep), bids
+    return held, cluster_prices(hp, ep, free), bids

@@ -40,7 +40,7 @@ def _first_bids(costs, price, eps, stay, choice, bid):  # pragma: no cover - com
 
 
 @njit(cache=True)
-def first_round(costs, eps, hp, ho, ep, held, n_held, stay):  # pragma: no cover - compiled
+def first_round(costs, eps, hp, ho, ep, free, held, n_held, stay):  # pragma: no cover - compiled
     """Top-1: all points bid at once (a Jacobi round); each cluster keeps its ``cap`` highest bids.
 
     The same guarantees as one bid per point in turn: a winner pays its bid, so it is ε-happy, and
@@ -51,13 +51,13 @@ def first_round(costs, eps, hp, ho, ep, held, n_held, stay):  # pragma: no cover
     n = costs.shape[0]
     choice = np.empty(n, np.int64)
     bid = np.empty(n, np.float64)
-    _first_bids(costs, cluster_prices(hp, ep), eps, stay, choice, bid)
-    settle_bids(choice, bid, np.arange(n), hp, ho, held, n_held)
+    _first_bids(costs, cluster_prices(hp, ep, free), eps, stay, choice, bid)
+    settle_bids(choice, bid, np.arange(n), hp, ho, free, held, n_held)
     return np.flatnonzero(n_held == 0)
 
 
 @njit(cache=True)
-def stay_round(costs, eps, hp, ho, ep, held, n_held, stay):  # pragma: no cover - compiled
+def stay_round(costs, eps, hp, ho, ep, free, held, n_held, stay):  # pragma: no cover - compiled
     """Top-k: every point still ε-happy in all of its last clusters bids for them again, all at once;
     each cluster keeps its ``cap`` highest bids.
 
@@ -70,7 +70,7 @@ def stay_round(costs, eps, hp, ho, ep, held, n_held, stay):  # pragma: no cover 
     """
     n, k = costs.shape
     kp = stay.shape[1]
-    price = cluster_prices(hp, ep)
+    price = cluster_prices(hp, ep, free)
     mark = np.zeros(k, np.bool_)
     bid = np.empty((n, kp))
     stayers = np.zeros(n, np.bool_)
@@ -86,7 +86,8 @@ def stay_round(costs, eps, hp, ho, ep, held, n_held, stay):  # pragma: no cover 
             bid[i, h] = price[j] + (w - w_out) + eps
         stayers[i] = happy
     points = np.flatnonzero(stayers)
-    settle_bids(stay[points].reshape(-1), bid[points].reshape(-1), np.repeat(points, kp), hp, ho, held, n_held)
+    cluster, paid, who = stay[points].reshape(-1), bid[points].reshape(-1), np.repeat(points, kp)
+    settle_bids(cluster, paid, who, hp, ho, free, held, n_held)
     return np.flatnonzero(n_held < kp), points.size
 
 

@@ -228,28 +228,45 @@ def balanced_kmeans(
     tol: float = 1e-4,
     init: np.ndarray | None = None,
     on_iteration: Any = None,
+    fit_rows: int | None = None,
 ) -> tuple[BalancedKMeans, dict[str, Any]]:
     """Balanced k-means of x: (N, d) float32 into k clusters, each point in ``top_k`` of them.
 
     ``niter`` Lloyd iterations (assign, then move each centroid to its cluster's mean), then a final
-    assignment for the final centroids, so that centroids, prices and assignment agree. ``init``:
-    (k, d) starting centroids (default: k distinct rows drawn with ``seed``). ``on_iteration(t)`` is
-    called after each iteration (progress bars). Stats: inertia (mean squared distance per slot)
+    assignment for the final centroids, so that centroids, prices and assignment agree. ``fit_rows``:
+    the Lloyd iterations run on that many rows drawn at random with ``seed`` (as FAISS trains on 256
+    rows per centroid), and the final assignment, exact over all N rows, starts from their prices.
+    ``init``: (k, d) starting centroids (default: k distinct rows drawn with ``seed``). ``on_iteration(t)``
+    is called after each iteration (progress bars). Stats: inertia (mean squared distance per slot)
     after each assignment, sizes, bids, time; per step (assignment) its seconds and bids per slot.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     check_inputs(x, k, top_k)
-    assigner = BalancedAssigner(x, k, top_k=top_k, tol=tol)
+    rng = np.random.default_rng(seed)
+    fit = x
+    if fit_rows is not None and fit_rows < x.shape[0]:
+        if fit_rows < k:
+            raise LprError(f"fit_rows={fit_rows} should be ≥ k={k}", "fit on more rows (cluster.fit_rows)")
+        fit = x[np.sort(rng.choice(x.shape[0], size=fit_rows, replace=False))]
+    assigner = BalancedAssigner(fit, k, top_k=top_k, tol=tol)
+    final = assigner if fit is x else BalancedAssigner(x, k, top_k=top_k, tol=tol)
     with compiled_threads(assigner.distances.gpu):
-        return _lloyd(assigner, niter=niter, seed=seed, init=init, on_iteration=on_iteration)
+        return _lloyd(assigner, final, niter=niter, rng=rng, init=init, on_iteration=on_iteration)
 
 
 def _lloyd(
-    assigner: BalancedAssigner, *, niter: int, seed: int, init: np.ndarray | None, on_iteration: Any
+    assigner: BalancedAssigner,
+    final: BalancedAssigner,
+    *,
+    niter: int,
+    rng: np.random.Generator,
+    init: np.ndarray | None,
+    on_iteration: Any,
 ) -> tuple[BalancedKMeans, dict[str, Any]]:
+    """Lloyd iterations on ``assigner``'s rows, then the final assignment by ``final`` (the same
+    assigner, or one over every row that starts from the iterations' prices)."""
     x, k, top_k, tol = assigner.x, assigner.k, assigner.top_k, assigner.tol
     started = time.perf_counter()
-    rng = np.random.default_rng(seed)
     centroids = (
         np.ascontiguousarray(init, dtype=np.float32)
         if init is not None
@@ -267,14 +284,19 @@ def _lloyd(
         update_seconds += time.perf_counter() - updating
         if on_iteration is not None:
             on_iteration(t + 1)
-    assignment, costs, eps = assigner.step(centroids, final=True)
+    if final is not assigner:
+        final.state_prices = assigner.state_prices.copy()  # per-cluster prices do not depend on N
+    assignment, costs, eps = final.step(centroids, final=True)
     eps_used.append(eps)
     inertia.append(float(costs.mean(dtype=np.float64)))
-    prices = assigner.prices
+    prices = final.prices
     sizes = np.bincount(assignment.reshape(-1), minlength=k)
     result = BalancedKMeans(centroids=centroids, assignment=assignment, prices=prices, sizes=sizes)
+    steps = assigner.steps + (final.steps if final is not assigner else [])
+    rows = [x.shape[0]] * niter + [final.x.shape[0]]
     stats = {
-        "rows": int(x.shape[0]),
+        "rows": int(final.x.shape[0]),
+        "fit_rows": int(x.shape[0]),
         "dims": int(x.shape[1]),
         "k": k,
         "top_k": top_k,
@@ -283,15 +305,16 @@ def _lloyd(
         "size_min": int(sizes.min()),
         "size_max": int(sizes.max()),
         "tol": tol,
-        "eps_relative": [e / (assigner.scale or 1.0) for e in eps_used],
-        "phases": assigner.total("phases"),
-        "bids_per_slot_per_phase": assigner.total("bids") / (x.shape[0] * top_k * assigner.total("phases")),
+        "eps_relative": [e / (assigner.scale or 1.0) for e in eps_used[:-1]] + [eps_used[-1] / (final.scale or 1.0)],
+        "phases": sum(step["phases"] for step in steps),
+        "bids_per_slot_per_phase": sum(step["bids"] / (n * top_k) for step, n in zip(steps, rows, strict=True))
+        / sum(step["phases"] for step in steps),
         "gpu": assigner.distances.gpu,
         "seconds": time.perf_counter() - started,
-        "distance_seconds": assigner.total("distance_seconds"),
-        "auction_seconds": assigner.total("auction_seconds"),
+        "distance_seconds": sum(step["distance_seconds"] for step in steps),
+        "auction_seconds": sum(step["auction_seconds"] for step in steps),
         "update_seconds": update_seconds,
-        "step_seconds": [step["distance_seconds"] + step["auction_seconds"] for step in assigner.steps],
-        "bids_per_slot_by_step": [step["bids"] / (x.shape[0] * top_k) for step in assigner.steps],
+        "step_seconds": [step["distance_seconds"] + step["auction_seconds"] for step in steps],
+        "bids_per_slot_by_step": [step["bids"] / (n * top_k) for step, n in zip(steps, rows, strict=True)],
     }
     return result, stats

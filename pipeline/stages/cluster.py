@@ -97,9 +97,17 @@ def cluster_layer(*, cfg: RunConfig, run: RunDir, layer: str, fp: str) -> dict[s
     basis = fit_basis(pca_blocks, latent_dim)
     z = np.concatenate([basis.project(reader.read_x(layer, a, b)) for a, b in _blocks(ranges, c.block_rows)])
     teacher = np.concatenate([reader.read("topk_idx", a, b, layer=layer) for a, b in ranges])
+    fit_rows = c.fit_rows_per_expert * experts if c.fit_rows_per_expert else None
     with progress_bar(f"cluster {layer}", c.iterations) as bar:
         result, kmeans_stats = balanced_kmeans(
-            z, experts, top_k=assign_k, niter=c.iterations, seed=seed, tol=c.tol, on_iteration=lambda _: bar.advance(1)
+            z,
+            experts,
+            top_k=assign_k,
+            niter=c.iterations,
+            seed=seed,
+            tol=c.tol,
+            fit_rows=fit_rows,
+            on_iteration=lambda _: bar.advance(1),
         )
     expert_of_cluster, match_stats = match_clusters(result.assignment, teacher, experts)
     tensors = {
