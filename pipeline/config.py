@@ -89,6 +89,9 @@ class ClusterConfig(_Section):
 class RouterConfig(_Section):
     """The Latent Prototype Router built from the prototypes (and later distilled)."""
 
+    # "lpr": the Latent Prototype Router (load_lpr_model); "native": only the family's own router tensors are
+    # distilled, so `export --checkpoint` writes a drop-in checkpoint; starts from the gates (docs/method.md)
+    form: Literal["lpr", "native"] = "lpr"
     # where distillation starts: "clusters" (the LPR of the paper: PCA encoder, balanced centroids, then the
     # gate-level phase) or "gate" (the model's own gate as a compact dot-product LPR, distilled in the model
     # only; `similarity` applies to cluster-initialised routers and LPR-init). Compared in docs/results.md.
@@ -96,6 +99,18 @@ class RouterConfig(_Section):
     similarity: Literal["cosine", "dot", "gaussian", "mahalanobis"] = "cosine"
     calibration_rows: int = Field(262_144, ge=16)  # rows (whole chunks, many documents) for bias and temperature;
     # more rows → more documents → a bias that holds better on unseen text (memory ∝ rows × (latent + experts))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _native_starts_from_the_gates(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("form") == "native":
+            if data.get("init", "gate") != "gate":
+                raise ValueError(
+                    f"router.form=native distils the model's own gates, not router.init={data['init']}: choose one "
+                    "(drop router.init, or set router.form=lpr)"
+                )
+            return data | {"init": "gate"}
+        return data
 
 
 class DistillConfig(_Section):
@@ -156,6 +171,7 @@ class ValidateConfig(_Section):
     # a slice whose document noise floor (the Gini a balanced router would still show on its documents) is
     # above this is too small to say anything: the report says so instead of giving its figures
     slice_max_floor: float = Field(0.1, gt=0, le=1)
+    checkpoint: str | None = None  # an `export --checkpoint` directory, measured as one more variant, "checkpoint"
 
 
 class DemoConfig(_Section):

@@ -138,6 +138,9 @@ def validate(
         str | None, typer.Option(help="Comma-separated lm-eval tasks ('' for none; default: lpr_demo_cloze).")
     ] = None,
     sequences: Annotated[int | None, typer.Option(help="Held-out sequences for loss and load.")] = None,
+    checkpoint: Annotated[
+        str | None, typer.Option(help="Also measure this `export --checkpoint` directory (variant 'checkpoint').")
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     force: ForceOpt = False,
@@ -148,6 +151,7 @@ def validate(
         "validate.variants": _names(variants),
         "validate.tasks": _names(tasks),
         "validate.sequences": sequences,
+        "validate.checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
     }
     cfg = resolve_config(run=run, config=config, sets=set_, flags=flags)
     _run_stages(["validate"], run=run, cfg=cfg, force=force)

@@ -23,12 +23,14 @@ from torch import nn
 
 from pipeline.config import RunConfig
 from pipeline.errors import LprError
+from pipeline.moe.checkpoint_keys import local_checkpoint
 from pipeline.moe.loading import find_routers, load_tokenizer, resolve_model_path
 from pipeline.router.from_clusters import build_init_routers
 from pipeline.router.install import gate_routers, install_routers, swap_modules
 from pipeline.router.load import distilled_routers
 from pipeline.router.lpr import LatentPrototypeRouter, spec_for
 from pipeline.router.provenance import distilled_from
+from pipeline.router.shipped import checkpoint_routers, shipped_routers
 from storage.rundir import RunDir
 from storage.versions import served_version
 
@@ -111,6 +113,24 @@ def lpr(cfg: RunConfig, run: RunDir, model: nn.Module) -> Built:
     """LPR as the distill stage stored it (or its served recalibrated version)."""
     routers, metrics = distilled_routers(run)
     return Built(routers, {"distill": metrics, "init": distilled_from(metrics), "version": served_version(run)})
+
+
+@variant("native", needs="distill")
+def native(cfg: RunConfig, run: RunDir, model: nn.Module) -> Built:
+    """The distilled routers in the family's own tensors, as `export --checkpoint` ships them (folded, stored dtype)."""
+    routers, metrics = distilled_routers(run)
+    source = local_checkpoint(resolve_model_path(cfg), cfg.model.revision)
+    info = {"distill": metrics, "init": distilled_from(metrics), "version": served_version(run)}
+    return Built(shipped_routers(routers, model, source), info)
+
+
+@variant("checkpoint")
+def checkpoint(cfg: RunConfig, run: RunDir, model: nn.Module) -> Built:
+    """The router tensors of the exported checkpoint validate.checkpoint (`validate --checkpoint DIR`), as shipped."""
+    if not cfg.validate.checkpoint:
+        raise LprError("the checkpoint variant needs validate.checkpoint", "pass --checkpoint DIR to validate")
+    source = local_checkpoint(resolve_model_path(cfg), cfg.model.revision)
+    return Built(checkpoint_routers(cfg.validate.checkpoint, model, source), {"directory": cfg.validate.checkpoint})
 
 
 def check_variants(names: list[str], run: RunDir) -> None:

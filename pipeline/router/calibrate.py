@@ -11,6 +11,7 @@ about L/2 full passes over the calibration sequences.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,14 +58,14 @@ class _StopForward(Exception):
     """Raised by the capture hook once the layer being calibrated has seen its input."""
 
 
-def router_logits(model: nn.Module, router: LatentPrototypeRouter, ids: torch.Tensor, batch: int) -> torch.Tensor:
-    """Bias-free logits (n·S, E) float32 of the router on its inputs inside the model over the sequences
-    ids (n, S): n·S·E floats kept, not the n·S·H hidden states."""
-    logits: list[torch.Tensor] = []
+def at_router_input(
+    model: nn.Module, router: nn.Module, ids: torch.Tensor, batch: int, use: Callable[[torch.Tensor], None]
+) -> None:
+    """Call ``use(x)`` with the router's input x (T, H) inside the model, batch by batch over the sequences
+    ids (n, S); each forward pass stops at the router (later layers are not run)."""
 
     def capture(module: nn.Module, args: tuple) -> None:
-        x = args[0].reshape(-1, router.hidden_dim).to(router.encoder.weight.dtype)
-        logits.append(router.scores(x).float().cpu())
+        use(args[0].reshape(-1, args[0].shape[-1]))
         raise _StopForward
 
     handle = router.register_forward_pre_hook(capture)
@@ -76,6 +77,17 @@ def router_logits(model: nn.Module, router: LatentPrototypeRouter, ids: torch.Te
                     model(ids[start : start + batch].to(device), use_cache=False)
     finally:
         handle.remove()
+
+
+def router_logits(model: nn.Module, router: LatentPrototypeRouter, ids: torch.Tensor, batch: int) -> torch.Tensor:
+    """Bias-free logits (n·S, E) float32 of the router on its inputs inside the model over the sequences
+    ids (n, S): n·S·E floats kept, not the n·S·H hidden states."""
+    logits: list[torch.Tensor] = []
+
+    def keep(x: torch.Tensor) -> None:
+        logits.append(router.scores(x.to(router.encoder.weight.dtype)).float().cpu())
+
+    at_router_input(model, router, ids, batch, keep)
     return torch.cat(logits)
 
 

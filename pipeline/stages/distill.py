@@ -2,11 +2,16 @@
 the stored states (``training.gate_level``); then all routers in the frozen model against its
 next-token distribution (``training.model_level``); finally the choice bias calibrated in the model
 so that top-k slot counts are equal.
+
+``router.form: native``: the gates' path (``router.init: gate``) with only the family's own router
+tensors trained, and the balance calibrated where the family can carry it
+(``pipeline.router.native_balance``), so that the stored routers fold into a drop-in checkpoint.
 """
 
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -14,6 +19,7 @@ import torch
 
 from pipeline.config import RunConfig
 from pipeline.errors import LprError
+from pipeline.moe.families import FAMILIES, family_of
 from pipeline.moe.loading import load_config, load_model, resolve_model_path
 from pipeline.progress import info
 from pipeline.router.from_clusters import calibrate_bias, initial_router, row_logits
@@ -162,6 +168,7 @@ def distill_model_level(*, cfg: RunConfig, run: RunDir, modules: dict[str, str],
     calibrated in the model, layer by layer, on training-side sequences. ``modules``: each stored
     layer's router module name. Writes the final routers into ``routers.partial/``."""
     from pipeline.router.calibrate import calibrate_in_model, training_sequences
+    from pipeline.router.native_balance import calibrate_native_in_model, frozen_parameters
     from pipeline.training.model_level import distill_in_model
 
     d = cfg.distill
@@ -170,8 +177,14 @@ def distill_model_level(*, cfg: RunConfig, run: RunDir, modules: dict[str, str],
     sequences = training_sequences(cfg, tokenizer)
     calibration, val, train = sequences.calibration, sequences.val, sequences.train
     stats: dict[str, Any] = {"steps": d.model_steps, "train_sequences": len(train), "seq_len": cfg.corpus.seq_len}
+    fixed, calibrator = (), calibrate_in_model
+    if cfg.router.form == "native":  # only the family's own tensors train; balance goes where it can carry it
+        family = FAMILIES[family_of(model.config)]
+        fixed, calibrator = frozen_parameters(family), partial(calibrate_native_in_model, family=family)
     if d.model_steps > 0:
-        result = distill_in_model(model, routers, train, val, d, seed=cfg.seed, calibration=calibration)
+        result = distill_in_model(
+            model, routers, train, val, d, seed=cfg.seed, calibration=calibration, fixed=fixed, calibrator=calibrator
+        )
         stats |= {key: result[key] for key in ("best", "seconds", "tokens_per_second")}
         stats["history"] = result["history"]
         best = result["best"]
@@ -179,13 +192,13 @@ def distill_model_level(*, cfg: RunConfig, run: RunDir, modules: dict[str, str],
             f"[bold]distill[/] in the model: best step {best['step']}, val KL {best['kl']:.4f}, gini {best['gini']:.3f}"
         )
     install_routers(model, routers)
-    calibration_stats = calibrate_in_model(model, calibration, batch=d.model_batch_sequences)
+    calibration_stats = calibrator(model, calibration, batch=d.model_batch_sequences)
     stats["calibration_tokens"] = int(calibration.numel())
     for name, router in routers.items():
-        meta = metas[name] | {
-            "fingerprint": fp,
-            "summary": metas[name]["summary"]
-            | {"model_calibration_slots": [calibration_stats[name]["slots_min"], calibration_stats[name]["slots_max"]]},
-        }
+        figures = calibration_stats[name]
+        summary = {"model_calibration_slots": [figures["slots_min"], figures["slots_max"]]}
+        if cfg.router.form == "native":  # where the balance went, and how it did (native_balance)
+            summary |= {"form": "native"} | {k: v for k, v in figures.items() if k not in ("slots_min", "slots_max")}
+        meta = metas[name] | {"fingerprint": fp, "summary": metas[name]["summary"] | summary}
         write_layer_router(run, run.partial_path(STAGE), meta["layer"], router.state_dict(), meta)
     return {key: value for key, value in stats.items() if key != "history"} | {"history": stats.get("history", [])}

@@ -11,6 +11,7 @@ same Gini); a frontier sweep of the distillation (``lpr-distill sweep``) adds LP
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,11 +42,32 @@ STAGE = "validate"
 SWEEP_RESULTS = ("sweep", "frontier.json")  # written by `lpr-distill sweep` (pipeline/sweep.py)
 
 
+def variant_names(cfg: RunConfig) -> list[str]:
+    """``validate.variants``, and "checkpoint" after them when ``validate.checkpoint`` names a directory."""
+    names = list(cfg.validate.variants)
+    return [*names, "checkpoint"] if cfg.validate.checkpoint and "checkpoint" not in names else names
+
+
+def checkpoint_identity(directory: str) -> dict[str, Any]:
+    """What the report measured of an exported checkpoint: its weight files' sizes and modification times."""
+    files = sorted(Path(directory).glob("*.safetensors"))
+    return {
+        "directory": str(Path(directory).resolve()),
+        "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files},
+    }
+
+
 def check_inputs(cfg: RunConfig, run: RunDir) -> None:
     """Everything that can be wrong before any model work: one-line errors."""
     if not run.is_complete("dump"):
         raise LprError(f"run directory {run.url} has no complete dump", "run `lpr-distill dump RUN_DIR` first")
-    check_variants(cfg.validate.variants, run)
+    check_variants(variant_names(cfg), run)
+    if "checkpoint" in cfg.validate.variants and not cfg.validate.checkpoint:
+        raise LprError("validate.variants names 'checkpoint' but no directory", "pass --checkpoint DIR")
+    if cfg.validate.checkpoint and not Path(cfg.validate.checkpoint).is_dir():
+        raise LprError(
+            f"--checkpoint {cfg.validate.checkpoint} is not a directory", "pass what `export --checkpoint` wrote"
+        )
     if "original" not in cfg.validate.variants:
         raise LprError("validate.variants must include 'original'", "add it: every comparison is against it")
     require_matplotlib()
@@ -65,6 +87,8 @@ def stage_inputs(cfg: RunConfig, run: RunDir) -> dict[str, Any]:
         inputs["sweep"] = fingerprint({}, {"points": sweep.get("lpr", [])})
     if version := served_version(run):  # a recalibrated version is served as `lpr`
         inputs["routers_version"] = version
+    if cfg.validate.checkpoint:
+        inputs["checkpoint"] = checkpoint_identity(cfg.validate.checkpoint)
     return inputs
 
 
@@ -80,9 +104,10 @@ def measure_variants(cfg: RunConfig, run: RunDir) -> tuple[dict[str, dict], list
     switcher = VariantSwitcher(model)
     results: dict[str, dict] = {}
     bias_curve: list[dict] = []
-    for position, name in enumerate(v.variants, start=1):
+    names = variant_names(cfg)
+    for position, name in enumerate(names, start=1):
         started = time.time()
-        info(f"[bold]validate[/] {name} ({position}/{len(v.variants)}): building routers")
+        info(f"[bold]validate[/] {name} ({position}/{len(names)}): building routers")
         built = switcher.apply(name, cfg, run)
         result = measure(model, held, cfg=cfg, teachers=switcher.originals)
         result["slices"] = measure_slices(model, slices, cfg=cfg, teachers=switcher.originals)

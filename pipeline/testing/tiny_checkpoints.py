@@ -78,6 +78,16 @@ def _prepare(family: str, root: Path, tokenizer, seed: int) -> tuple[dict[str, A
     tokenizer.save_pretrained(source)
     routers = foldable_routers(model, family, seed)
     written = export_checkpoint(routers, source, out)
+    return stock_case(family, model, routers, root, written, seed=seed)
+
+
+def stock_case(
+    family: str, model: torch.nn.Module, routers: dict, root: Path, written: dict[str, Any], *, seed: int = 0
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(job item, context) that checks the checkpoint ``export_checkpoint`` wrote (``written``) from the source
+    ``root/source`` into ``root/checkpoint``: stock routers against ``routers`` (in memory) and the original
+    gates of ``model``, on random router inputs saved in ``root``."""
+    source, out = root / "source", root / "checkpoint"
     # router inputs of RMS ≈ 0.2: logits of a few units with the random gates (as a trained gate gives)
     x = 0.2 * torch.randn(TOKENS, model.config.hidden_size, generator=torch.Generator().manual_seed(seed + 1))
     save_file({"x": x}, str(root / "x.safetensors"))
@@ -176,6 +186,17 @@ def check_checkpoints(families: list[str], root: Path, tokenizer, *, seed: int =
             items.append(item)
         except Exception as err:  # the matrix says what failed; the tests assert on it
             results[family] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+    results |= check_in_fresh_process(items, contexts, root)
+    seconds = round(time.time() - started, 1)
+    return {family: results[family] | {"batch_seconds": seconds} for family in families}
+
+
+def check_in_fresh_process(
+    items: list[dict[str, Any]], contexts: dict[str, dict[str, Any]], root: Path
+) -> dict[str, dict[str, Any]]:
+    """Load every checkpoint of ``items`` (``stock_case``) in one fresh interpreter that cannot import this
+    project; per key of ``contexts`` (in the items' order) the comparison, or ``{"error": one line}``."""
+    results: dict[str, dict[str, Any]] = {}
     job = root / "job.json"
     job.write_text(json.dumps({"checkpoints": items}))
     done = subprocess.run(
@@ -184,14 +205,13 @@ def check_checkpoints(families: list[str], root: Path, tokenizer, *, seed: int =
     lines = done.stdout.strip().splitlines()
     project = json.loads(lines[-1])["project_modules_imported"] if done.returncode == 0 and lines else None
     for family, context in contexts.items():
-        stock_file = root / family / "stock.safetensors"
+        stock_file = Path(context["out"]).parent / "stock.safetensors"
         if done.returncode != 0 or not stock_file.is_file():
             tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
             results[family] = {"error": f"stock loading failed: {tail[:200]}"}
             continue
         results[family] = _compare(context, stock_file) | {"project_modules_imported": project}
-    seconds = round(time.time() - started, 1)
-    return {family: results[family] | {"batch_seconds": seconds} for family in families}
+    return results
 
 
 def passes(result: dict[str, Any], bar: float = 1e-5) -> bool:

@@ -16,7 +16,7 @@ swapped back in for one forward pass.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,8 @@ from pipeline.router.calibrate import calibrate_in_model
 from pipeline.router.install import install_routers, swap_modules
 from pipeline.router.lpr import LatentPrototypeRouter
 from pipeline.training.objectives import sinkhorn_balance, warmup_cosine
+
+Calibrator = Callable[..., dict[str, dict[str, Any]]]  # (model, ids (n, S), *, batch, quiet) → figures per router
 
 
 def next_token_log_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -156,13 +158,18 @@ def distill_in_model(
     cfg: DistillConfig,
     seed: int,
     calibration: torch.Tensor | None = None,
+    *,
+    fixed: Collection[str] = (),
+    calibrator: Calibrator = calibrate_in_model,
 ) -> dict[str, Any]:
     """Train ``routers`` (keyed by router module name) in place inside ``model`` on the sequences
     train (n, S), batch after batch, each seen once when n ≥ model_steps · model_batch_sequences;
     keep the parameters of the best step on val (m, S) by (1 − balance) · KL + balance · balance loss. With
     ``calibration`` sequences (c, S) and ``model_calibrate_every`` > 0, the choice bias is calibrated in the
     model on them before the first step and every that many steps, so the routers learn under the balanced
-    routing they will serve with. ``model`` holds its original routers on entry and on return."""
+    routing they will serve with, by ``calibrator`` (``calibrate_in_model``: the choice bias). ``fixed``: names
+    of router parameters that stay fixed (a native distillation trains only the family's own tensors).
+    ``model`` holds its original routers on entry and on return."""
     originals = {site.name: site.module for site in find_routers(model)}
     device = next(model.parameters()).device
     frozen = [p for p in model.parameters() if p.requires_grad]
@@ -174,13 +181,13 @@ def distill_in_model(
     every = cfg.model_calibrate_every if calibration is not None else 0
 
     def calibrate() -> None:
-        calibrate_in_model(
-            model, calibration[: cfg.model_calibration_sequences], batch=cfg.model_batch_sequences, quiet=True
-        )
+        calibrator(model, calibration[: cfg.model_calibration_sequences], batch=cfg.model_batch_sequences, quiet=True)
 
-    params = [p for router in routers.values() for p in router.parameters()]
-    for parameter in params:
-        parameter.requires_grad_(True)
+    params = []
+    for router in routers.values():
+        for name, parameter in router.named_parameters():
+            parameter.requires_grad_(name not in fixed)
+            params += [parameter] if name not in fixed else []
     taps = RouterTaps(routers, cfg.model_candidates)
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(params, lr=cfg.model_lr, weight_decay=cfg.weight_decay)
