@@ -188,3 +188,22 @@ def test_config_errors_are_one_line(tmp_path, monkeypatch, capsys):
         monkeypatch, capsys, "config", "show", "--set", "router.form=native", "--set", "router.init=clusters"
     )
     assert_one_line_error(code, stderr, "router.form=native", "choose one")
+
+
+def test_cli_exports_a_native_run_and_validates_its_checkpoint(native, tmp_path, monkeypatch, capsys):
+    """`export RUN --checkpoint OUT` on a native run, then `validate RUN --checkpoint OUT`: the files' figures
+    beside the native variant's; a missing directory is one line."""
+    _, run, *_ = native["qwen3_moe"]
+    out = tmp_path / "shipped"
+    code, stdout, err = invoke(monkeypatch, capsys, "export", run.url, "--checkpoint", str(out))
+    assert code == 0 and "checkpoint (weight)" in stdout, err
+    measure = ("--variants", "original,native", "--tasks", "", "--sequences", "8")
+    code, _, err = invoke(monkeypatch, capsys, "validate", run.url, *measure, "--checkpoint", str(out))
+    assert code == 0, err
+    report = read_report(run)
+    assert list(report["variants"]) == ["original", "native", "checkpoint"]
+    assert report["variants"]["checkpoint"]["build"]["directory"] == str(out.resolve())
+    figures = [report["variants"][name]["mean"]["slot"]["gini"] for name in ("native", "checkpoint")]
+    assert figures[0] == pytest.approx(figures[1], abs=1e-9)
+    code, _, err = invoke(monkeypatch, capsys, "validate", run.url, *measure, "--checkpoint", str(tmp_path / "nope"))
+    assert_one_line_error(code, err, "is not a directory")
