@@ -135,7 +135,9 @@ def test_bad_rerun_keeps_the_complete_stage(monkeypatch, capsys, tmp_path, tiny_
 
 def test_run_command_runs_every_stage(monkeypatch, capsys, tmp_path, tiny_model, tiny_corpus):
     config = tmp_path / "nightly.yaml"
-    data = tiny_run_config(tiny_model, tiny_corpus, max_tokens=150) | {"distill": {"calibration_sequences": 256}}
+    few_steps = {"steps": 40, "eval_every": 20, "model_steps": 4, "model_eval_every": 2}
+    distill = {"calibration_sequences": 256, **few_steps}
+    data = tiny_run_config(tiny_model, tiny_corpus, max_tokens=150) | {"distill": distill}
     config.write_text(yaml.safe_dump(data))  # the tiny corpus has 725 sequences
     monkeypatch.chdir(tmp_path)
     code, _, err = invoke(monkeypatch, capsys, "run", str(config))

@@ -71,6 +71,12 @@ def test_demo_command_dumps_every_layer(tmp_path, monkeypatch, capsys):
         "corpus.demo_max_chars=150000",
         "distill.calibration_sequences=256",
         "dump.batch_tokens=512",
+        # every stage runs; few steps (the quick start in CI runs the demo at its defaults)
+        "distill.steps=40",
+        "distill.eval_every=20",
+        "distill.model_steps=4",
+        "distill.model_eval_every=2",
+        "validate.tasks=[]",
     ]
     argv = ["lpr-distill", "demo", "--run-dir", str(tmp_path / "run")]
     for s in sets:

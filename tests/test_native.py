@@ -207,3 +207,39 @@ def test_cli_exports_a_native_run_and_validates_its_checkpoint(native, tmp_path,
     assert figures[0] == pytest.approx(figures[1], abs=1e-9)
     code, _, err = invoke(monkeypatch, capsys, "validate", run.url, *measure, "--checkpoint", str(tmp_path / "nope"))
     assert_one_line_error(code, err, "is not a directory")
+
+
+def test_recalibrating_a_native_run_keeps_it_drop_in(native, tmp_path):
+    """recalibrate on a native Qwen3-MoE run (no choice-bias tensor): the new version's balance is folded into
+    the gate weights, so it still folds, and the shipped checkpoint gets a new sibling (the old one untouched)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from pipeline.config import CorpusConfig
+    from pipeline.stages.export_checkpoint import run_export_checkpoint
+    from pipeline.stages.recalibrate import run_recalibrate
+    from tests.test_recalibrate import RECALIBRATE, skewed_traffic
+
+    cfg, run, *_ = native["qwen3_moe"]
+    copy = RunDir(str(tmp_path / "run"))
+    shutil.copytree(run.root, copy.root)
+    cfg = build_config(cfg.model_dump(mode="json") | {"recalibrate": RECALIBRATE | {"publish": "always"}})
+    shipped = tmp_path / "shipped"
+    run_export_checkpoint(cfg=cfg, run=copy, out=shipped)
+    before = {p.name: p.read_bytes() for p in shipped.glob("*.safetensors")}
+    traffic = CorpusConfig.model_validate(
+        cfg.corpus.model_dump() | {"source": str(skewed_traffic(tmp_path / "traffic")), "format": "auto"}
+    )
+    manifest = run_recalibrate(cfg=cfg, run=copy, traffic=traffic)
+    assert manifest.outputs["published"] and manifest.outputs["checkpoint"] == str(tmp_path / "shipped-v001")
+    routers, _ = distilled_routers(copy)
+    folded = fold_routers(routers, FAMILIES["qwen3_moe"])  # still the family's own form: no choice bias
+    assert all(float(r.bias.abs().max()) == 0 for r in routers.values())
+    assert {p.name: p.read_bytes() for p in shipped.glob("*.safetensors")} == before
+    new = {k: v for p in sorted((tmp_path / "shipped-v001").glob("*.safetensors")) for k, v in load_file(p).items()}
+    old = {k: v for p in sorted(shipped.glob("*.safetensors")) for k, v in load_file(p).items()}
+    changed = [k for k in new if not torch.equal(new[k], old[k])]
+    assert changed and all(k.endswith("mlp.gate.weight") for k in changed)
+    name = next(iter(folded))
+    assert torch.allclose(new[f"{name}.weight"].double(), folded[name].weight.to(new[f"{name}.weight"].dtype).double())

@@ -29,13 +29,16 @@ within a token); a group-limited top-k that ranks groups by sums of probabilitie
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from pipeline.moe.families import FAMILIES, family_of
 from pipeline.moe.family import Family
 from pipeline.moe.loading import find_routers
 from pipeline.progress import progress_bar
@@ -189,3 +192,12 @@ def calibrate_native_in_model(
             if bar is not None:
                 bar.advance(1, note=site.name)
     return results
+
+
+def calibrator_for(form: str, model: nn.Module) -> Callable[..., dict[str, dict[str, Any]]]:
+    """How routers of ``form`` ("lpr" or "native") installed in ``model`` are balanced in the model: the choice
+    bias (``calibrate_in_model``), or where the model's family carries balance (``calibrate_native_in_model``).
+    Called as ``calibrator(model, ids (n, S), batch=…)``; distill and recalibrate share it."""
+    if form != "native":
+        return calibrate_in_model
+    return partial(calibrate_native_in_model, family=FAMILIES[family_of(model.config)])

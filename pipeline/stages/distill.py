@@ -11,7 +11,6 @@ tensors trained, and the balance calibrated where the family can carry it
 from __future__ import annotations
 
 import time
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -167,8 +166,8 @@ def distill_model_level(*, cfg: RunConfig, run: RunDir, modules: dict[str, str],
     model's own gates): distillation in the model (when ``distill.model_steps`` > 0), then the bias
     calibrated in the model, layer by layer, on training-side sequences. ``modules``: each stored
     layer's router module name. Writes the final routers into ``routers.partial/``."""
-    from pipeline.router.calibrate import calibrate_in_model, training_sequences
-    from pipeline.router.native_balance import calibrate_native_in_model, frozen_parameters
+    from pipeline.router.calibrate import training_sequences
+    from pipeline.router.native_balance import calibrator_for, frozen_parameters
     from pipeline.training.model_level import distill_in_model
 
     d = cfg.distill
@@ -177,10 +176,10 @@ def distill_model_level(*, cfg: RunConfig, run: RunDir, modules: dict[str, str],
     sequences = training_sequences(cfg, tokenizer)
     calibration, val, train = sequences.calibration, sequences.val, sequences.train
     stats: dict[str, Any] = {"steps": d.model_steps, "train_sequences": len(train), "seq_len": cfg.corpus.seq_len}
-    fixed, calibrator = (), calibrate_in_model
+    calibrator = calibrator_for(cfg.router.form, model)
+    fixed = ()
     if cfg.router.form == "native":  # only the family's own tensors train; balance goes where it can carry it
-        family = FAMILIES[family_of(model.config)]
-        fixed, calibrator = frozen_parameters(family), partial(calibrate_native_in_model, family=family)
+        fixed = frozen_parameters(FAMILIES[family_of(model.config)])
     if d.model_steps > 0:
         result = distill_in_model(
             model, routers, train, val, d, seed=cfg.seed, calibration=calibration, fixed=fixed, calibrator=calibrator

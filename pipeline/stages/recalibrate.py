@@ -2,11 +2,13 @@
 
 Balance is a property of router *and* traffic: a bias calibrated on the corpus's mix keeps much of
 the original imbalance on a stream of another kind. This recomputes only the per-expert choice bias
-of the stored routers, in the model, layer by layer (``router.calibrate``), on training-side
-sequences of the traffic sample (split by the same document hash as every corpus), and judges the
-result against the version before on the traffic's held-out documents. The new version is always
-kept (``storage.versions``); it is published — served by ``validate``'s ``lpr``, exported to the
-run's ``lpr/`` — when ``recalibrate.publish`` says so (``better``: lower held-out Gini by at least
+of the stored routers (routers distilled in the family's own form, ``router.form: native``: the
+balance where the family carries it, ``router.native_balance``), in the model, layer by layer, on
+training-side sequences of the traffic sample (split by the same document hash as every corpus),
+and judges the result against the version before on the traffic's held-out documents. The new
+version is always kept (``storage.versions``); it is published — served by ``validate``, exported
+to the run's ``lpr/`` and, where the run shipped a drop-in checkpoint, written as a new one beside
+it — when ``recalibrate.publish`` says so (``better``: lower held-out Gini by at least
 ``min_gini_gain`` at a cross-entropy cost of at most ``max_ce_increase_pct``).
 """
 
@@ -23,10 +25,12 @@ from pipeline.errors import LprError
 from pipeline.evaluation.heldout import heldout_sequences, measure
 from pipeline.moe.loading import find_routers, load_model, load_tokenizer, resolve_model_path
 from pipeline.progress import info
-from pipeline.router.calibrate import calibrate_in_model
 from pipeline.router.install import install_routers, swap_modules
 from pipeline.router.load import distilled_routers
+from pipeline.router.native_balance import calibrator_for
 from pipeline.stages.export import run_export
+from pipeline.stages.export_checkpoint import STAGE as CHECKPOINT_STAGE
+from pipeline.stages.export_checkpoint import run_export_checkpoint
 from pipeline.stages.protocol import build_manifest, check_states_model
 from storage.routers_store import read_layer_router, write_layer_router
 from storage.rundir import Manifest, RunDir
@@ -94,6 +98,7 @@ def run_recalibrate(*, cfg: RunConfig, run: RunDir, traffic: CorpusConfig) -> Ma
     corpus = describe_corpus(traffic)  # no text, no training side: one-line errors before any model work
     parent = served_version(run)
     routers, _ = distilled_routers(run, parent)
+    form = run.read_manifest("distill").config.get("router", {}).get("form", "lpr")  # as they were distilled
     model_path = resolve_model_path(cfg)
     tokenizer = load_tokenizer(cfg.model, model_path)
     ids = traffic_sequences(cfg, traffic, tokenizer)  # too little traffic: an error before the model loads
@@ -104,7 +109,7 @@ def run_recalibrate(*, cfg: RunConfig, run: RunDir, traffic: CorpusConfig) -> Ma
     try:
         info(f"[bold]recalibrate[/]: version {parent} on {len(held.ids)} held-out traffic sequences")
         before = _figures(measure(model, held, cfg=cfg, teachers=originals))
-        calibration = calibrate_in_model(model, ids, batch=cfg.distill.model_batch_sequences)
+        calibration = calibrator_for(form, model)(model, ids, batch=cfg.distill.model_batch_sequences)
         after = _figures(measure(model, held, cfg=cfg, teachers=originals))
     finally:
         swap_modules(model, originals)
@@ -126,17 +131,20 @@ def run_recalibrate(*, cfg: RunConfig, run: RunDir, traffic: CorpusConfig) -> Ma
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     commit_version(run, number, record)
+    checkpoint = None
     if publish:
         set_current(run, number)
         exported = run.read_manifest("export")
         out = exported.outputs["directory"] if exported is not None else run.path("lpr")
         if run.is_local or exported is not None:
             run_export(cfg=cfg, run=run, out=out)
+        checkpoint = refresh_checkpoint(cfg, run, number)
     manifest = build_manifest(
         stage=STAGE,
         config={"recalibrate": cfg.recalibrate.model_dump(mode="json"), "corpus": traffic.model_dump(mode="json")},
         inputs={"distill": record["distill"], "traffic": corpus.digest, "parent": parent},
-        outputs={"version": number, "directory": version_path(run, number), "published": publish},
+        outputs={"version": number, "directory": version_path(run, number), "published": publish}
+        | ({"checkpoint": checkpoint} if checkpoint else {}),
         stats={
             "version": number,
             "parent": parent,
@@ -151,6 +159,8 @@ def run_recalibrate(*, cfg: RunConfig, run: RunDir, traffic: CorpusConfig) -> Ma
     run.write_text(run.manifest_path(STAGE), manifest.model_dump_json(indent=2))
     verdict = "published" if publish else "kept, not published"
     info(f"[bold]recalibrate[/]: version {number} ({verdict}): {why}")
+    if checkpoint:
+        info(f"[bold]recalibrate[/]: the drop-in checkpoint of version {number} → {checkpoint}")
     return manifest
 
 
@@ -171,3 +181,15 @@ def write_version(run: RunDir, cfg: RunConfig, routers: dict, *, parent: int, ca
         meta = meta | {"summary": meta["summary"] | {"recalibration": calibration.get(module, {})}}
         write_layer_router(run, partial, layer, router.state_dict(), meta)
     return number
+
+
+def refresh_checkpoint(cfg: RunConfig, run: RunDir, number: int) -> str | None:
+    """Where the run shipped a drop-in checkpoint (``export --checkpoint``), the published version as a new
+    one beside it, ``<that directory>-vNNN`` (the shipped one stays as it is: engines may be serving it).
+    Returns the new directory, or None when no checkpoint was exported."""
+    shipped = run.read_manifest(CHECKPOINT_STAGE)
+    if shipped is None:
+        return None
+    base = str(shipped.outputs["directory"])
+    base = base.rsplit("-v", 1)[0] if base.rsplit("-v", 1)[-1].isdigit() else base
+    return run_export_checkpoint(cfg=cfg, run=run, out=f"{base}-v{number:03d}")["directory"]
