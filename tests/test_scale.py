@@ -118,3 +118,12 @@ def test_first_rows_cut_the_ranges():
     assert first_rows([(0, 10), (20, 30), (40, 50)], 15) == [(0, 10), (20, 25)]
     assert first_rows([(0, 10)], 50) == [(0, 10)]
     assert first_rows([(0, 10), (20, 30)], 10) == [(0, 10)]
+
+
+def test_the_planning_table_is_the_saved_benchmark_runs(tmp_path):
+    """docs/planning.md is what `scale.py --table` writes from benchmarks/results/ (no figure edited by hand)."""
+    from scale_plan import load_results, write_table
+
+    root = Path(__file__).resolve().parent.parent
+    write_table(load_results(root / "benchmarks" / "results"), tmp_path / "planning.md")
+    assert (tmp_path / "planning.md").read_text() == (root / "docs" / "planning.md").read_text()
