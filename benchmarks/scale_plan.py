@@ -252,11 +252,25 @@ def memory_checks(results: list[dict[str, Any]]) -> list[str]:
         ) / 2**20
         lines.append(f"{r['geometry']}, {what} (the added layers' float32 weights: {added:,.0f} MiB):")
         lines.append("")
-        lines += ["| stage | peak RSS MiB | planning run | change |", "|---|---|---|---|"]
+        lines += [
+            "| stage | peak RSS MiB | planning run | change | anonymous MiB | planning run | growth MiB |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for name, stage in r["stages"].items():
             if name in base["stages"]:
-                before = base["stages"][name]["peak_rss_mib"]
-                change = stage["peak_rss_mib"] / before - 1
-                lines.append(f"| {name} | {stage['peak_rss_mib']:,.0f} | {before:,.0f} | {change:+.1%} |")
-        lines.append("")
+                before = base["stages"][name]
+                change = stage["peak_rss_mib"] / before["peak_rss_mib"] - 1
+                row = f"| {name} | {stage['peak_rss_mib']:,.0f} | {before['peak_rss_mib']:,.0f} | {change:+.1%} |"
+                anon, anon_before = stage.get("peak_anonymous_mib"), before.get("peak_anonymous_mib")
+                if anon is not None and anon_before is not None:
+                    row += f" {anon:,.0f} | {anon_before:,.0f} | {anon - anon_before:+,.0f} |"
+                else:
+                    row += "  |  |  |"
+                lines.append(row)
+        lines += [
+            "",
+            "Peak RSS counts the checkpoint's file pages mapped while the model loads; the anonymous memory is",
+            "the process's own, which is what grows by at most the added weights.",
+            "",
+        ]
     return lines
