@@ -1,10 +1,9 @@
 """The latent basis of a layer's router inputs: exact PCA from a covariance streamed over row blocks.
 
 Memory is O(H² + block·H) whatever the number of rows (a 7168-wide layer: 400 MB of float64
-covariance). All in torch: through SciPy's BLAS (a syrk Gram, ARPACK's Lanczos: 2-4x faster at H 2048
-on 2 cores) a layer clustered alone in a fresh process and the same layer clustered after another came
-out different in the last bits (measured; likely the arrays' alignment, which torch's allocator fixes
-at 64 bytes), and a flow must give the same prototypes on every runner. The result equals
+covariance). All in torch: through SciPy's BLAS (a syrk Gram, ARPACK's Lanczos, faster) a layer
+clustered alone in a fresh process and the same layer clustered after another came out different in
+the last bits, and a flow must give the same prototypes on every runner (docs/history.md). The result equals
 scikit-learn's full-SVD PCA on the same rows up to signs, which are fixed like scikit-learn's
 ``svd_flip`` (largest-magnitude loading positive).
 """

@@ -84,17 +84,24 @@ def checkpoint_routers(directory: str | Path, model: nn.Module, source: Path) ->
             f"the checkpoint in {directory} is not one of the run's model {source} (e.g. tensor {(odd or ['?'])[0]})",
             "pass a checkpoint that `export --checkpoint` wrote from this run",
         )
-    found: dict[str, FamilyRouter] = {}
+    wanted: dict[str, dict[str, str]] = {}  # router module name → role → checkpoint key
     for site in find_routers(model):
-        tensors = {}
+        wanted[site.name] = {}
         for role, state_key in state_keys(family, site.name).items():
-            key = keys.get(state_key)
-            if key is None:
+            if state_key not in keys:
                 raise LprError(
                     f"the checkpoint in {directory} stores no {role.replace('_', ' ')} of router {site.name}",
                     "pass a checkpoint that `export --checkpoint` wrote from this run",
                 )
-            with safe_open(str(directory / layout[key].file), "pt") as handle:
-                tensors[role] = handle.get_tensor(key)
-        found[site.name] = FamilyRouter(tensors["weight"], tensors.get("logit_bias"), tensors.get("choice_bias"))
+            wanted[site.name][role] = keys[state_key]
+    by_file: dict[str, list[str]] = {}
+    for roles in wanted.values():
+        for key in roles.values():
+            by_file.setdefault(layout[key].file, []).append(key)
+    read: dict[str, torch.Tensor] = {}
+    for file, file_keys in sorted(by_file.items()):
+        with safe_open(str(directory / file), "pt") as handle:  # each shard opened once
+            read |= {key: handle.get_tensor(key) for key in file_keys}
+    roles = ("weight", "logit_bias", "choice_bias")
+    found = {name: FamilyRouter(*(read[at[r]] if r in at else None for r in roles)) for name, at in wanted.items()}
     return as_gate_routers(found, model.config)

@@ -14,6 +14,7 @@ it — when ``recalibrate.publish`` says so (``better``: lower held-out Gini by 
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -190,6 +191,5 @@ def refresh_checkpoint(cfg: RunConfig, run: RunDir, number: int) -> str | None:
     shipped = run.read_manifest(CHECKPOINT_STAGE)
     if shipped is None:
         return None
-    base = str(shipped.outputs["directory"])
-    base = base.rsplit("-v", 1)[0] if base.rsplit("-v", 1)[-1].isdigit() else base
+    base = re.sub(r"-v\d{3}$", "", str(shipped.outputs["directory"]))  # a version this function wrote: its base
     return run_export_checkpoint(cfg=cfg, run=run, out=f"{base}-v{number:03d}")["directory"]
