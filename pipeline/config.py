@@ -175,8 +175,10 @@ class ValidateConfig(_Section):
 
 
 class DemoConfig(_Section):
-    """The built-in demo model: a small Qwen3-MoE trained on the demo corpus on a CPU."""
+    """The built-in demo model: a small Qwen3-MoE (or DeepSeek-V3-style) MoE trained on the demo corpus on a CPU."""
 
+    # qwen3_moe: softmax router, no bias tensor; deepseek_v3: sigmoid router with a choice bias, grouped top-k
+    family: Literal["qwen3_moe", "deepseek_v3"] = "qwen3_moe"
     variant: Literal["balanced", "collapsed"] = "balanced"  # collapsed: no balancing loss (stress case)
     hidden_size: int = Field(256, ge=16)
     num_layers: int = Field(4, ge=1)
@@ -204,6 +206,11 @@ class DemoConfig(_Section):
             raise ValueError(f"demo.top_k={self.top_k} should be ≤ demo.num_experts={self.num_experts}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"demo.hidden_size={self.hidden_size} should be a multiple of demo.num_heads")
+        if self.family == "deepseek_v3" and (self.num_experts % 4 or self.top_k > self.num_experts // 2):
+            raise ValueError(
+                f"the deepseek_v3 demo routes within 2 of 4 expert groups: demo.num_experts={self.num_experts} "
+                f"should be a multiple of 4 and demo.top_k={self.top_k} at most half of it"
+            )
         return self
 
 

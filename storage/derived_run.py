@@ -1,4 +1,4 @@
-"""A run directory nested in another that shares the other's early stages (the frontier sweep).
+"""A run directory nested in another that shares the other's early stages (the frontier sweep, the native form).
 
 ``RUN_DIR/sweep/balance_0.25/`` distils with its own config into its own ``routers/`` and
 manifests, but reads the parent's ``states.zarr`` and ``prototypes/`` (and their manifests) in
@@ -38,3 +38,10 @@ class DerivedRun(RunDir):
         if stage in self.shared:
             raise ValueError(f"a derived run does not redo the shared stage {stage}")
         super().invalidate(stage)
+
+
+def native_form_run(parent: RunDir) -> DerivedRun:
+    """``RUN_DIR/forms/native/``: the routers distilled in the family's own form (``router.form: native``)
+    beside a run whose own routers cannot be written into a checkpoint (a cosine LPR, a choice bias the
+    family has no tensor for). It reads the parent's dump in place."""
+    return DerivedRun(parent, "forms", "native", ("dump", "cluster"))

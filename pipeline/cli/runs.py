@@ -29,9 +29,14 @@ def print_table(table: Table, width: int = 140) -> None:
 
 
 def resolve_config(
-    *, run: RunDir | None, config: Path | None, sets: list[str] | None, flags: dict[str, Any] | None = None
+    *,
+    run: RunDir | None,
+    config: Path | None,
+    sets: list[str] | None,
+    flags: dict[str, Any] | None = None,
+    presets: dict[str, Any] | None = None,
 ) -> RunConfig:
-    """defaults < config file (or the run's config.yaml) < --set < named flags."""
+    """defaults < a command's presets < config file (or the run's config.yaml) < --set < named flags."""
     data: dict[str, Any] = {}
     origin = "defaults"
     if config is not None:
@@ -39,9 +44,19 @@ def resolve_config(
     elif run is not None and (text := run.read_config()) is not None:
         origin = run.path("config.yaml")
         data = parse_yaml(text, origin=origin)
-    overrides = [parse_override(s) for s in sets or []]
+    overrides = [(key.split("."), value) for key, value in (presets or {}).items() if not _holds(data, key)]
+    overrides += [parse_override(s) for s in sets or []]
     overrides += [(key.split("."), value) for key, value in (flags or {}).items() if value is not None]
     return build_config(apply_overrides(data, overrides), origin=origin)
+
+
+def _holds(data: dict[str, Any], dotted: str) -> bool:
+    """Whether the nested mapping ``data`` sets ``dotted`` (e.g. "validate.variants")."""
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
 
 
 @contextmanager

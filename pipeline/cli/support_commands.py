@@ -11,7 +11,7 @@ from rich.table import Table
 
 from pipeline.cli.app import ConfigOpt, ForceOpt, SetOpt, app, config_app
 from pipeline.cli.runs import _run_stages, out, print_report, print_table, resolve_config
-from pipeline.config import to_yaml
+from pipeline.config import ValidateConfig, to_yaml
 from pipeline.stages.registry import STAGE_FUNCTIONS
 from storage.rundir import RunDir
 
@@ -73,18 +73,30 @@ def serve(
 
 @app.command()
 def demo(
-    run_dir: Annotated[str, typer.Option(help="Run directory.")] = "runs/demo",
+    run_dir: Annotated[
+        str | None, typer.Option(help="Run directory (default: runs/demo, or runs/demo-FAMILY for another family).")
+    ] = None,
     collapsed: Annotated[
         bool, typer.Option("--collapsed", help="Use the demo model trained with no balancing loss.")
     ] = False,
+    family: Annotated[
+        str | None,
+        typer.Option(help="Demo model family: qwen3_moe (default; no bias tensor) or deepseek_v3 (choice bias)."),
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Build the demo model and corpus (cached), then run every stage that exists into RUN_DIR."""
-    run = RunDir(run_dir)
-    flags = {"model.path": "demo", "corpus.source": "demo", "demo.variant": "collapsed" if collapsed else None}
-    cfg = resolve_config(run=run, config=config, sets=set_, flags=flags)
+    """Build the demo model and corpus (cached), then run every stage into RUN_DIR, with the native routers beside."""
+    run = RunDir(run_dir or ("runs/demo" if family in (None, "qwen3_moe") else f"runs/demo-{family}"))
+    flags = {
+        "model.path": "demo",
+        "corpus.source": "demo",
+        "demo.variant": "collapsed" if collapsed else None,
+        "demo.family": family,
+    }
+    presets = {"validate.variants": [*ValidateConfig().variants, "native"]}  # the drop-in routers beside the LPR
+    cfg = resolve_config(run=run, config=config, sets=set_, flags=flags, presets=presets)
     _run_stages(list(STAGE_FUNCTIONS), run=run, cfg=cfg, force=force)
     print_report(run)
     out.print(f"run directory: {run.url} — see `lpr-distill status {run.url}`")

@@ -1,9 +1,11 @@
-"""The built-in demo model: a small Qwen3-MoE trained on the demo corpus, on a CPU, in minutes.
+"""The built-in demo model: a small MoE (Qwen3-MoE, or DeepSeek-V3-style: ``pipeline/demo/architecture.py``)
+trained on the demo corpus, on a CPU, in minutes.
 
 Like production checkpoints it is trained with a *weak per-layer* load-balancing loss: every
 expert of every layer is trained, yet the load stays clearly uneven. transformers' own aux loss
 pools the logits of all layers before balancing (it balances layers against each other, not
-each layer), so the Switch loss here is computed per layer and averaged. The ``collapsed``
+each layer), so the Switch loss here is computed per layer and averaged (a DeepSeek-V3 router's
+``e_score_correction_bias`` stays 0: the choice bias is what the pipeline calibrates). The ``collapsed``
 variant trains with no balancing loss at all (dead experts): the stress case.
 
 The model is saved with ``save_pretrained`` into a cache directory keyed by its config and the
@@ -24,12 +26,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipeline.config import DemoConfig
 from pipeline.data.corpus import Document, PackedSequence, iter_packed, split_documents
+from pipeline.demo.architecture import build_model, per_layer_balance_loss, routing
 from pipeline.demo.corpus import demo_documents
 from pipeline.evaluation.metrics import expert_load, load_summary
+from pipeline.moe.families import FAMILIES
 from pipeline.progress import info, progress_bar
 
 DEMO_HELDOUT_FRACTION = 0.1  # same split function as the pipeline's default corpus split
@@ -44,9 +47,12 @@ def cache_root(cfg: DemoConfig) -> Path:
 
 def demo_model_dir(cfg: DemoConfig, seed: int) -> Path:
     """Cache directory of the demo model built from ``cfg`` and ``seed`` on this Python."""
-    key = cfg.model_dump(mode="json", exclude={"cache_dir"}) | {"seed": seed, "python": platform.python_version()}
+    # the default family stays out of the key: models cached before the family setting existed are still found
+    exclude = {"cache_dir"} | ({"family"} if cfg.family == "qwen3_moe" else set())
+    key = cfg.model_dump(mode="json", exclude=exclude) | {"seed": seed, "python": platform.python_version()}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return cache_root(cfg) / f"demo-{cfg.variant}-{digest}"
+    family = "" if cfg.family == "qwen3_moe" else f"{cfg.family}-"
+    return cache_root(cfg) / f"demo-{family}{cfg.variant}-{digest}"
 
 
 def train_tokenizer(docs: list[Document], vocab_size: int):
@@ -65,46 +71,6 @@ def train_tokenizer(docs: list[Document], vocab_size: int):
     )
     tok.train_from_iterator((d.text for d in docs), trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
-
-
-def model_config(cfg: DemoConfig, tokenizer):
-    from transformers import Qwen3MoeConfig
-
-    return Qwen3MoeConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.expert_width * 2,
-        moe_intermediate_size=cfg.expert_width,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_heads,
-        head_dim=cfg.hidden_size // cfg.num_heads,
-        num_experts=cfg.num_experts,
-        num_experts_per_tok=cfg.top_k,
-        norm_topk_prob=True,
-        max_position_embeddings=max(512, cfg.seq_len),
-        router_aux_loss_coef=0.0,  # the demo's balance loss is per layer, computed below
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
-
-
-def per_layer_switch_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
-    """Switch-Transformer balance loss computed for each layer, then averaged.
-
-    router_logits: one (T, E) tensor per MoE layer. Per layer: E · Σ_e f_e · P_e, where f_e is
-    the share of top-k slots and P_e the mean router probability of expert e (1 when even).
-    """
-    losses = []
-    for logits in router_logits:
-        probs = logits.float().softmax(-1)  # (T, E)
-        num_experts = probs.shape[-1]
-        chosen = probs.topk(top_k, dim=-1).indices  # (T, k)
-        slots = F.one_hot(chosen, num_experts).sum(1).float().mean(0) / top_k  # (E,)
-        losses.append(num_experts * (slots * probs.mean(0)).sum())
-    return torch.stack(losses).mean()
 
 
 def balance_weight(cfg: DemoConfig, step: int) -> float:
@@ -132,15 +98,16 @@ def _eval_batches(docs: list[tuple[int, Document]], tokenizer, cfg: DemoConfig) 
 
 
 @torch.no_grad()
-def evaluate(model, batches: torch.Tensor, top_k: int, batch_size: int = 16) -> dict[str, Any]:
+def evaluate(model, batches: torch.Tensor, batch_size: int = 16) -> dict[str, Any]:
     """Held-out cross-entropy and per-layer top-k load of ``batches`` (S, L) int64."""
     model.eval()
     losses, loads = [], None
     for start in range(0, len(batches), batch_size):
         ids = batches[start : start + batch_size]
-        out = model(input_ids=ids, labels=ids, output_router_logits=True, use_cache=False)
+        with routing(model) as routed:
+            out = model(input_ids=ids, labels=ids, use_cache=False)
         losses.append(float(out.loss) * len(ids))
-        step = [expert_load(r.topk(top_k, -1).indices.numpy(), r.shape[-1]) for r in out.router_logits]
+        step = [expert_load(chosen.numpy(), logits.shape[-1]) for logits, chosen in routed]
         loads = step if loads is None else [a + b for a, b in zip(loads, step, strict=True)]
     ce = sum(losses) / len(batches)
     per_layer = [load_summary(load) | {"load": load.tolist()} for load in loads]
@@ -155,8 +122,6 @@ def evaluate(model, batches: torch.Tensor, top_k: int, batch_size: int = 16) -> 
 
 def train_demo_model(cfg: DemoConfig, *, seed: int, out_dir: Path) -> dict[str, Any]:
     """Build corpus, tokenizer and model; train; evaluate; save into ``out_dir``. Returns the report."""
-    from transformers import Qwen3MoeForCausalLM
-
     started = time.time()
     torch.manual_seed(seed)
     docs = demo_documents(max_chars=cfg.corpus_chars)
@@ -170,9 +135,10 @@ def train_demo_model(cfg: DemoConfig, *, seed: int, out_dir: Path) -> dict[str, 
     held = _eval_batches(held_docs, tokenizer, cfg)
     info(f"demo tokens: {train.numel():,} train, {held.numel():,} held out over {len(held)} documents")
 
-    model = Qwen3MoeForCausalLM(model_config(cfg, tokenizer))
+    model = build_model(cfg, tokenizer)
+    convention = FAMILIES[cfg.family].convention
     info("evaluating the untrained model (the perplexity baseline)")
-    untrained = evaluate(model, held, cfg.top_k)
+    untrained = evaluate(model, held)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = max(1, cfg.train_steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -189,8 +155,9 @@ def train_demo_model(cfg: DemoConfig, *, seed: int, out_dir: Path) -> dict[str, 
                 order, cursor = rng.permutation(len(train)), 0
             ids = train[order[cursor : cursor + cfg.batch_size]]
             cursor += cfg.batch_size
-            out = model(input_ids=ids, labels=ids, output_router_logits=True, use_cache=False)
-            balance = per_layer_switch_loss(out.router_logits, cfg.top_k)
+            with routing(model) as routed:
+                out = model(input_ids=ids, labels=ids, use_cache=False)
+            balance = per_layer_balance_loss(routed, convention)
             loss = out.loss + balance_weight(cfg, step) * balance
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -198,8 +165,9 @@ def train_demo_model(cfg: DemoConfig, *, seed: int, out_dir: Path) -> dict[str, 
             optimizer.step()
             schedule.step()
             bar.advance(1, note=f"loss {out.loss.detach().item():.3f} balance {balance.detach().item():.3f}")
-    trained = evaluate(model, held, cfg.top_k)
+    trained = evaluate(model, held)
     report = {
+        "family": cfg.family,
         "variant": cfg.variant,
         "seed": seed,
         "balance_coef": [balance_weight(cfg, 0), balance_weight(cfg, cfg.train_steps - 1)],
@@ -222,7 +190,7 @@ def ensure_demo_model(cfg: DemoConfig, *, seed: int) -> Path:
     final = demo_model_dir(cfg, seed)
     if (final / REPORT_NAME).is_file():
         return final
-    info(f"building the demo model ({cfg.variant}) into {final} — a few minutes on a CPU, once")
+    info(f"building the demo model ({cfg.family}, {cfg.variant}) into {final} — a few minutes on a CPU, once")
     tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

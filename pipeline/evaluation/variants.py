@@ -24,13 +24,14 @@ from torch import nn
 from pipeline.config import RunConfig
 from pipeline.errors import LprError
 from pipeline.moe.checkpoint_keys import local_checkpoint
+from pipeline.moe.families import FAMILIES, family_of
 from pipeline.moe.loading import find_routers, load_tokenizer, resolve_model_path
 from pipeline.router.from_clusters import build_init_routers
 from pipeline.router.install import gate_routers, install_routers, swap_modules
 from pipeline.router.load import distilled_routers
 from pipeline.router.lpr import LatentPrototypeRouter, spec_for
 from pipeline.router.provenance import distilled_from
-from pipeline.router.shipped import checkpoint_routers, shipped_routers
+from pipeline.router.shipped import checkpoint_routers, drop_in_routers, shipped_routers
 from storage.rundir import RunDir
 from storage.versions import served_version
 
@@ -118,9 +119,9 @@ def lpr(cfg: RunConfig, run: RunDir, model: nn.Module) -> Built:
 @variant("native", needs="distill")
 def native(cfg: RunConfig, run: RunDir, model: nn.Module) -> Built:
     """The distilled routers in the family's own tensors, as `export --checkpoint` ships them (folded, stored dtype)."""
-    routers, metrics = distilled_routers(run)
+    routers, metrics, origin = drop_in_routers(run, FAMILIES[family_of(model.config)])
     source = local_checkpoint(resolve_model_path(cfg), cfg.model.revision)
-    info = {"distill": metrics, "init": distilled_from(metrics), "version": served_version(run)}
+    info = {"distill": metrics, "init": distilled_from(metrics), "version": served_version(origin), "run": origin.url}
     return Built(shipped_routers(routers, model, source), info)
 
 

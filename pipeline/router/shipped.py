@@ -20,12 +20,37 @@ from torch import nn
 from pipeline.errors import LprError
 from pipeline.moe.checkpoint_keys import checkpoint_keys, empty_model
 from pipeline.moe.families import FAMILIES, family_of
+from pipeline.moe.family import Family
 from pipeline.moe.loading import find_routers
+from pipeline.router.load import distilled_routers
 from pipeline.router.lpr import LatentPrototypeRouter, gate_router, spec_for
 from pipeline.router.native import FamilyRouter, Routers, check_routers_fit, fold_routers, state_keys
 from storage.checkpoint import StoredTensor, read_layout
+from storage.derived_run import native_form_run
+from storage.rundir import RunDir
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def drop_in_routers(run: RunDir, family: Family) -> tuple[dict[str, LatentPrototypeRouter], dict[str, Any], RunDir]:
+    """What a drop-in checkpoint of ``run`` carries: (routers, their per-layer figures, the run they are from).
+
+    The run's own served routers when they fold into the family's form (``router.form: native``, or a
+    dot-product LPR the family can express); else the routers distilled natively beside it in
+    ``RUN_DIR/forms/native`` (validate's ``native`` variant makes them); else the fold's one-line error.
+    """
+    routers, metrics = distilled_routers(run)
+    try:
+        fold_routers(routers, family)
+        return routers, metrics, run
+    except LprError as err:
+        native = native_form_run(run)
+        if not native.is_complete("distill"):
+            raise LprError(
+                err.message, f"{err.hint}; or validate with the variant 'native', which distils them into {native.url}"
+            ) from None
+    routers, metrics = distilled_routers(native)
+    return routers, metrics, native
 
 
 def as_gate_routers(routers: dict[str, FamilyRouter], config: Any) -> dict[str, LatentPrototypeRouter]:

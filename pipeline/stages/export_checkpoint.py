@@ -16,8 +16,8 @@ from pipeline.moe.checkpoint_keys import checkpoint_keys, empty_model, local_che
 from pipeline.moe.families import FAMILIES, family_of
 from pipeline.moe.loading import load_config, resolve_model_path
 from pipeline.progress import info
-from pipeline.router.load import distilled_routers
 from pipeline.router.native import Routers, check_routers_fit, drop_in_form, fold_routers, state_keys
+from pipeline.router.shipped import drop_in_routers
 from pipeline.stages.protocol import build_manifest, check_states_model
 from pipeline.version import __version__
 from storage.checkpoint import check_target, read_layout, write_checkpoint
@@ -92,18 +92,19 @@ def load_config_at(directory: Path) -> Any:
 
 
 def run_export_checkpoint(*, cfg: RunConfig, run: RunDir, out: str | Path) -> dict[str, Any]:
-    """The served routers of ``run`` as a drop-in checkpoint at ``out``; then its manifest (last)."""
+    """The served routers of ``run`` (or those distilled natively beside it: ``drop_in_routers``) as a drop-in
+    checkpoint at ``out``; then its manifest (last)."""
     started = time.time()
     check_states_model(cfg, run)
-    load_config(cfg.model, resolve_model_path(cfg))  # a missing or unsupported model fails in one line first
-    routers, metrics = distilled_routers(run)
-    distill = run.read_manifest("distill")
+    config = load_config(cfg.model, resolve_model_path(cfg))  # a missing or unsupported model: one line, first
+    routers, metrics, origin = drop_in_routers(run, FAMILIES[family_of(config)])
+    distill = origin.read_manifest("distill")
     written = export_checkpoint(
         routers,
         resolve_model_path(cfg),
         out,
         revision=cfg.model.revision,
-        record={"model": cfg.model.path, "run": run.url, "metrics": metrics},
+        record={"model": cfg.model.path, "run": origin.url, "metrics": metrics},
     )
     manifest = build_manifest(
         stage=STAGE,

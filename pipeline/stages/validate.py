@@ -33,7 +33,9 @@ from pipeline.evaluation.slices import measure_slices, slice_heldouts, slices_re
 from pipeline.evaluation.variants import VARIANTS, VariantSwitcher, check_variants, scale_bias
 from pipeline.moe.loading import load_config, load_model, model_identity, resolve_model_path
 from pipeline.progress import info
+from pipeline.stages.native_form import ensure_native_form
 from pipeline.stages.protocol import build_manifest, previous_run
+from storage.derived_run import native_form_run
 from storage.report import to_json, write_files
 from storage.rundir import Manifest, RunDir, fingerprint
 from storage.versions import served_version
@@ -85,6 +87,9 @@ def stage_inputs(cfg: RunConfig, run: RunDir) -> dict[str, Any]:
     sweep = run.read_json(run.path(*SWEEP_RESULTS))
     if sweep is not None:
         inputs["sweep"] = fingerprint({}, {"points": sweep.get("lpr", [])})
+    native = native_form_run(run)
+    if "native" in cfg.validate.variants and native.is_complete("distill"):
+        inputs["native_distill"] = native.read_manifest("distill").fingerprint
     if version := served_version(run):  # a recalibrated version is served as `lpr`
         inputs["routers_version"] = version
     if cfg.validate.checkpoint:
@@ -217,6 +222,8 @@ def run_validate(*, cfg: RunConfig, run: RunDir, force: bool = False) -> Manifes
     check_inputs(cfg, run)
     load_config(cfg.model, resolve_model_path(cfg))  # the model loads and is a supported MoE
     started = time.time()
+    if "native" in cfg.validate.variants:
+        ensure_native_form(cfg, run)  # before the fingerprint: it covers what the variant reads
     config = {"seed": cfg.seed, **cfg.section("corpus", "router", "validate")}
     inputs = stage_inputs(cfg, run)
     fp = fingerprint(config, inputs)
