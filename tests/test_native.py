@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import build_config, to_yaml
+from pipeline.config import build_config
 from pipeline.errors import LprError
 from pipeline.evaluation.variants import VARIANTS
 from pipeline.moe.families import FAMILIES
@@ -23,37 +23,17 @@ from pipeline.router.lpr import LatentPrototypeRouter, spec_for
 from pipeline.router.native import fold_router, fold_routers
 from pipeline.router.native_balance import calibrate_native_in_model, slots
 from pipeline.router.shipped import checkpoint_routers, shipped_routers
-from pipeline.stages.cluster import run_cluster
-from pipeline.stages.distill import run_distill
-from pipeline.stages.dump import run_dump
 from pipeline.stages.export_checkpoint import export_checkpoint
 from pipeline.stages.validate import run_validate
 from pipeline.testing.tiny_checkpoints import check_in_fresh_process, stock_case
 from pipeline.testing.tiny_data import build_tiny_tokenizer, make_texts
-from pipeline.testing.tiny_families import FAST_RUN, perturb_gates, tiny_model
+from pipeline.testing.tiny_families import perturb_gates, tiny_model
+from pipeline.testing.tiny_native import NATIVE, native_run
 from storage.report import read_report
 from storage.rundir import RunDir
 from tests.test_cli import assert_one_line_error, invoke
 
 KINDS = ["deepseek_v3", "qwen3_moe", "gpt_oss"]  # choice bias; weight only; logit bias
-NATIVE = {"router": FAST_RUN["router"] | {"form": "native"}, "distill": FAST_RUN["distill"] | {"model_steps": 3}}
-
-
-def native_run(root: Path, family: str, tokenizer, corpus: Path, **sections: dict):
-    """A tiny model of ``family`` (gates perturbed: spread logits) saved at root/source, then dump, cluster and
-    a native distil; returns (cfg, run, model)."""
-    model = tiny_model(family, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    perturb_gates(model, family)
-    model.save_pretrained(root / "source")
-    tokenizer.save_pretrained(root / "source")
-    data = {"model": {"path": str(root / "source")}, "corpus": {"source": str(corpus), "seq_len": 32}}
-    cfg = build_config(data | FAST_RUN | NATIVE | sections)
-    run = RunDir(str(root / "run"))
-    run.ensure()
-    run.write_config(to_yaml(cfg))
-    for stage in (run_dump, run_cluster, run_distill):
-        stage(cfg=cfg, run=run)
-    return cfg, run, model
 
 
 @pytest.fixture(scope="module")
