@@ -60,6 +60,10 @@ def model_config(cfg: DemoConfig, tokenizer) -> Any:
             v_head_dim=head,
             num_mtp_layers=0,
             tie_word_embeddings=False,
+            # as DeepSeek-V3's own config.json says (transformers reads neither; llama.cpp's converter and
+            # vLLM read scoring_func, and without it llama.cpp's deepseek2 graph would route by softmax)
+            scoring_func="sigmoid",
+            topk_method="noaux_tc",
         )
     from transformers import Qwen3MoeConfig
 
