@@ -4,9 +4,10 @@ For every family in ``pipeline/moe/families.py`` this runs, on a tiny random mod
 experts, top-2), the same two checks as ``tests/test_families.py``: the identity-configured LPR
 against the original model's logits, and dump → cluster → distill → export → ``load_lpr_model``
 end to end; then, for all families at once, the drop-in checkpoint check of
-``tests/test_checkpoint_export.py`` (``pipeline.testing.tiny_checkpoints``). It then rewrites the
-README section between the ``compat-matrix`` markers (nothing in the table is written by hand) and
-prints JSON lines per family (the first two checks, then all four verdicts).
+``tests/test_checkpoint_export.py`` (``pipeline.testing.tiny_checkpoints``) and the native-distil check
+of ``tests/test_native_families.py`` (``pipeline.testing.tiny_native``). It then rewrites the README
+section between the ``compat-matrix`` markers (nothing in the table is written by hand) and prints JSON
+lines per family (the first two checks, then all five verdicts).
 
 Usage: ``python scripts/compat_matrix.py [--readme README.md]``; ``--families mixtral,olmoe`` checks
 those only and prints their JSON lines without touching the README.
@@ -48,9 +49,10 @@ def check(family: str, root: Path, tokenizer, corpus: Path) -> dict:
     return row
 
 
-def passed(row: dict) -> tuple[bool, bool, bool, bool]:
-    """(capture, replace, end to end, drop-in checkpoint) as the tests judge them."""
+def passed(row: dict) -> tuple[bool, bool, bool, bool, bool]:
+    """(capture, replace, end to end, drop-in checkpoint, native distil) as the tests judge them."""
     from pipeline.testing.tiny_checkpoints import passes
+    from pipeline.testing.tiny_native import native_passes
 
     e2e, identity = row["e2e"], row["identity"]
     capture = "error" not in e2e and e2e["capture_max_abs_diff"] < 2e-3
@@ -62,7 +64,8 @@ def passed(row: dict) -> tuple[bool, bool, bool, bool]:
         and e2e["reload_vs_original_diff"] <= IDENTITY_BAR
         and e2e["reload_lpr_diff"] <= IDENTITY_BAR
     )
-    return capture, replace, end_to_end, passes(row["checkpoint"], IDENTITY_BAR)
+    checkpoint, native = passes(row["checkpoint"], IDENTITY_BAR), native_passes(row["native"], IDENTITY_BAR)
+    return capture, replace, end_to_end, checkpoint, native
 
 
 def render(rows: list[dict]) -> str:
@@ -81,15 +84,19 @@ def render(rows: list[dict]) -> str:
         " **drop-in checkpoint** (`tests/test_checkpoint_export.py`): the family's own router tensors that"
         " `export --checkpoint` writes (a dot-product LPR folds into them exactly; other forms need"
         " `router.form: native`); ✓: stock `from_pretrained` in a fresh process routes as the routers do"
-        f" (logits ≤ {IDENTITY_BAR:g}, the same top-k), only router tensors changed.",
+        f" (logits ≤ {IDENTITY_BAR:g}, the same top-k), only router tensors changed. **native distil**"
+        " (`tests/test_native_families.py`): dump → cluster → distill with `router.form: native` →"
+        " `export --checkpoint`; ✓: stock `from_pretrained` in a fresh process routes as the native routers"
+        f" do (logits ≤ {IDENTITY_BAR:g}, the same top-k) and not as the original gates, only router tensors"
+        " changed; the cell says what the checkpoint carries.",
         "",
         "| family | `model_type` | router | receives | returns | weight convention | capture "
-        "| replace (max \\|Δ logits\\|) | end to end | drop-in checkpoint |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| replace (max \\|Δ logits\\|) | end to end | drop-in checkpoint | native distil |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         family = FAMILIES[row["family"]]
-        capture, replace, end_to_end, checkpoint = passed(row)
+        capture, replace, end_to_end, checkpoint, native = passed(row)
         identity = row["identity"]
         diff = f"{identity['identity_max_abs_diff']:.1e}" if "error" not in identity else identity["error"]
         e2e = row["e2e"]
@@ -97,10 +104,11 @@ def render(rows: list[dict]) -> str:
         returns = "(logits, weights, indices)" if family.returns == "triple" else "(dense scores, logits)"
         lines.append(
             f"| {family.name} | `{family.model_type}` | `{row['router']}` | {family.receives} | {returns} "
-            f"| {family.weights} | {mark[capture]} | {mark[replace]} {diff} | {e2e_text} | {_form(row, checkpoint)} |"
+            f"| {family.weights} | {mark[capture]} | {mark[replace]} {diff} | {e2e_text} "
+            f"| {_form(row['checkpoint'], checkpoint)} | {_form(row['native'], native)} |"
         )
     for model_type, why in sorted(UNSUPPORTED.items()):
-        lines.append(f"| — | `{model_type}` | not supported | | | {why} | ✗ | ✗ | ✗ | ✗ |")
+        lines.append(f"| — | `{model_type}` | not supported | | | {why} | ✗ | ✗ | ✗ | ✗ | ✗ |")
     ok = sum(all(passed(row)) for row in rows)
     lines += [
         "",
@@ -112,9 +120,8 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _form(row: dict, ok: bool) -> str:
-    """The drop-in checkpoint cell: what it carries, or why it failed."""
-    result = row["checkpoint"]
+def _form(result: dict, ok: bool) -> str:
+    """A checkpoint cell (drop-in, native distil): what the checkpoint carries, or why it failed."""
     if "error" in result:
         return f"✗ {result['error']}"
     return f"{'✓' if ok else '✗'} {result['form']}"
@@ -134,6 +141,7 @@ def main() -> None:
     from pipeline.moe.families import FAMILIES
     from pipeline.testing.tiny_checkpoints import check_checkpoints
     from pipeline.testing.tiny_data import build_tiny_tokenizer, make_texts
+    from pipeline.testing.tiny_native import check_native_checkpoints
 
     logging.set_verbosity_error()
     families = [f for f in args.families.split(",") if f] or sorted(FAMILIES)
@@ -147,10 +155,12 @@ def main() -> None:
             print(json.dumps({"family": family, "identity": rows[-1]["identity"], "e2e": rows[-1]["e2e"]}), flush=True)
         # one batch for all families: their checkpoints load in one fresh interpreter
         checkpoints = check_checkpoints(families, Path(tmp) / "checkpoints", tokenizer)
+        natives = check_native_checkpoints(families, Path(tmp) / "native", tokenizer, corpus)
         for row in rows:
-            row["checkpoint"] = checkpoints[row["family"]]
-            verdicts = dict(zip(("capture", "replace", "end_to_end", "checkpoint"), passed(row), strict=True))
-            print(json.dumps({"family": row["family"], **verdicts, "checkpoint_check": row["checkpoint"]}), flush=True)
+            row["checkpoint"], row["native"] = checkpoints[row["family"]], natives[row["family"]]
+            verdicts = dict(zip(("capture", "replace", "end_to_end", "checkpoint", "native"), passed(row), strict=True))
+            checks = {"checkpoint_check": row["checkpoint"], "native_check": row["native"]}
+            print(json.dumps({"family": row["family"], **verdicts, **checks}), flush=True)
     if args.families:
         return  # a subset is a check, not the matrix: the README table always covers every family
     readme = args.readme.read_text()
