@@ -85,6 +85,48 @@ def compare_at_balance(variants: dict[str, dict], bias_curve: list[dict]) -> dic
     return out
 
 
+def native_against_bias(variants: dict[str, dict], bias_curve: list[dict]) -> dict[str, Any] | None:
+    """The drop-in ``native`` routers against ``original+bias`` (where a choice bias can start them): on
+    both axes, the Gini beside its document floor, and the bias curve's CE at native's Gini."""
+    if "native" not in variants or "original+bias" not in variants or "original" not in variants:
+        return None
+    base = variants["original"]["cross_entropy"]
+    native, bias = curve_point("native", variants["native"]), curve_point("original+bias", variants["original+bias"])
+    floor = variants["native"]["mean"]["slot"].get("document_interval", {}).get("noise_gini")
+    no_worse = native["gini"] <= bias["gini"] and native["cross_entropy"] <= bias["cross_entropy"]
+    better = native["gini"] < bias["gini"] or native["cross_entropy"] < bias["cross_entropy"]
+    worse = native["gini"] >= bias["gini"] and native["cross_entropy"] >= bias["cross_entropy"]
+    bias_ce = interpolate_ce(bias_curve, native["gini"]) if bias_curve else None
+    return {
+        "native_gini": native["gini"],
+        "native_gini_floor": floor,
+        "native_min_max": native["min_max"],
+        "native_delta_ce_pct": delta_pct(native["cross_entropy"], base),
+        "bias_gini": bias["gini"],
+        "bias_delta_ce_pct": delta_pct(bias["cross_entropy"], base),
+        "bias_delta_ce_pct_at_same_gini": None if bias_ce is None else delta_pct(bias_ce, base),
+        "verdict": "dominates" if no_worse and better else ("dominated" if worse else "trade-off"),
+    }
+
+
+def native_sentence(native: dict[str, Any]) -> str:
+    """report.md's line on the drop-in routers against the bias baseline."""
+    floor = "" if native["native_gini_floor"] is None else f" (document floor {native['native_gini_floor']:.3f})"
+    line = (
+        f"Drop-in `native` routers: mean Gini {native['native_gini']:.3f}{floor}, min/max "
+        f"{native['native_min_max']:.2f}, {native['native_delta_ce_pct']:+.2f} % held-out CE; `original+bias`: Gini "
+        f"{native['bias_gini']:.3f}, {native['bias_delta_ce_pct']:+.2f} % — "
+    )
+    line += {
+        "dominates": "native is no worse on either axis and better on one.",
+        "dominated": "original+bias is no worse on either axis: it wins.",
+        "trade-off": "a trade-off (each is better on one axis).",
+    }[native["verdict"]]
+    if native["bias_delta_ce_pct_at_same_gini"] is not None:
+        line += f" The bias curve at native's Gini costs {native['bias_delta_ce_pct_at_same_gini']:+.2f} %."
+    return line
+
+
 def frontier_dominance(lpr_curve: list[dict], bias_curve: list[dict], base: float) -> dict[str, Any]:
     """Which points of each curve the other beats on both axes (mean Gini and held-out CE no higher, one
     lower): the frontier comparison in words, with no interpolation between settings."""
@@ -245,6 +287,8 @@ def markdown(report: dict[str, Any]) -> str:
             if comparison["ratio"] is not None:
                 line += f" LPR's increase is {comparison['ratio']:.2f}× the baseline's."
         parts += ["", line]
+    if report.get("native"):
+        parts += ["", native_sentence(report["native"])]
     if report.get("frontier"):
         parts += ["", f"Frontier (`lpr-distill sweep`): {report['frontier']['sentence']}"]
     parts += ["", *slices_markdown(slices)] if slices.get("variants") else []

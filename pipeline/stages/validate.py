@@ -26,6 +26,7 @@ from pipeline.evaluation.report import (
     curve_point,
     frontier_dominance,
     markdown,
+    native_against_bias,
     pick_winner,
     summary_rows,
 )
@@ -191,6 +192,7 @@ def build_report(
         "bias_curve": bias_curve,
         "lpr_sweep": lpr_curve,
         "comparison": compare_at_balance(results, bias_curve),
+        "native": native_against_bias(results, bias_curve),
         "frontier": frontier_dominance(lpr_curve, bias_curve, results["original"]["cross_entropy"])
         if lpr_curve and bias_curve and "original" in results
         else None,
