@@ -100,3 +100,26 @@ def test_bias_calibration_balances_choice_rules_the_auction_does_not_model(famil
     _, indices = router.route(router.latent_scores(z))
     slots = torch.bincount(indices.reshape(-1), minlength=spec.num_experts)
     assert (int(slots.min()), int(slots.max())) == (result["slots_min"], result["slots_max"])
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
+def test_the_temperature_reaches_the_teachers_top1(family):
+    """A sigmoid router's renormalised top-k weights are even both for flat and for saturated logits, so the
+    temperature is calibrated on its top sigmoid score there (on the top weight, of any of the k, elsewhere):
+    it lands inside the search range and matches the teacher, instead of saturating at the range's end."""
+    from pipeline.router.from_clusters import calibrate_temperature, top1
+    from pipeline.testing.tiny_families import tiny_config
+
+    config = tiny_config(family, n_group=4, topk_group=2) if family == "deepseek_v3" else tiny_config(family)
+    spec = spec_for(config, latent_dim=16, similarity="cosine")
+    torch.manual_seed(0)
+    router = LatentPrototypeRouter(spec)
+    z = torch.randn(4000, 16)
+    teacher = 3.0 * torch.randn(4000, spec.num_experts)  # a gate's logits
+    weights, _ = router.route(teacher)
+    unsorted = weights.flip(-1)  # DeepSeek-V3 returns its top-k unsorted: the largest need not come first
+    target = float(top1(teacher, unsorted, spec.convention).mean())
+    temperature = calibrate_temperature(router, z, target)
+    assert 1e-3 * 1.01 < temperature < 1e4 * 0.99
+    logits = router.latent_scores(z).detach()
+    assert float(top1(logits, router.route(logits)[0], spec.convention).mean()) == pytest.approx(target, abs=1e-3)

@@ -3,7 +3,9 @@
 Encoder = the PCA basis (``z = components · (x − mean)``), prototype of expert e = the centroid of
 the cluster matched to e. Then, on calibration rows drawn as whole chunks from many documents:
 the temperature is set so that the router's mean top-1 weight equals the teacher's (the experts
-see weights on the scale they were trained with), and the per-expert bias is the negated price of
+see weights on the scale they were trained with; for a sigmoid router the mean top-1 *score*, since
+its renormalised weights are even both when the logits are flat and when they saturate), and the
+per-expert bias is the negated price of
 an exactly balanced top-k assignment of the router's probabilities — every expert gets the same
 number of slots on the calibration rows.
 """
@@ -40,8 +42,25 @@ def router_from_prototypes(tensors: dict[str, np.ndarray], spec: RouterSpec) -> 
     return router
 
 
-def teacher_top1(reader: StatesReader, layer: str, ranges: list[tuple[int, int]]) -> float:
-    total = sum(float(reader.read("topk_w", a, b, layer=layer)[:, 0].sum(dtype=np.float64)) for a, b in ranges)
+SIGMOID_SCORED = ("sigmoid", "topk_sigmoid", "llama4")  # conventions whose scores are sigmoid(logits)
+
+
+def top1(logits: torch.Tensor, weights: torch.Tensor, convention: str) -> torch.Tensor:
+    """Per row (n,), what the temperature is calibrated on: the largest routing weight of ``weights`` (n, k)
+    (the largest, not the first: a family may return its top-k unsorted, DeepSeek-V3's
+    ``topk(sorted=False)``), or for a sigmoid-scored router the largest sigmoid score of ``logits`` (n, E):
+    its renormalised weights are not monotonic in the temperature."""
+    if convention in SIGMOID_SCORED:
+        return logits.float().sigmoid().max(-1).values
+    return weights.float().max(-1).values
+
+
+def teacher_top1(reader: StatesReader, layer: str, ranges: list[tuple[int, int]], convention: str) -> float:
+    """The gate's mean ``top1`` over the stored rows in ``ranges``."""
+    total = 0.0
+    for a, b in ranges:
+        logits, weights = (torch.from_numpy(reader.read(name, a, b, layer=layer)) for name in ("logits", "topk_w"))
+        total += float(top1(logits, weights, convention).double().sum())
     return total / max(1, sum(b - a for a, b in ranges))
 
 
@@ -62,7 +81,7 @@ def row_logits(
 
 
 def calibrate_temperature(router: LatentPrototypeRouter, z: torch.Tensor, target_top1: float) -> float:
-    """Bisection on log-temperature so that the mean top-1 routing weight matches the teacher's."""
+    """Bisection on log-temperature so that the router's mean ``top1`` matches the teacher's."""
     if router.spec.similarity in ("dot", "mahalanobis"):
         return float("nan")  # no temperature in these similarities
     z = z[:: max(1, len(z) // 65_536)]
@@ -71,8 +90,9 @@ def calibrate_temperature(router: LatentPrototypeRouter, z: torch.Tensor, target
         for _ in range(40):
             middle = (low + high) / 2
             router.log_temperature.fill_(middle)
-            weights, _ = router.route(router.latent_scores(z))
-            if float(weights[:, 0].mean()) < target_top1:
+            logits = router.latent_scores(z)
+            weights, _ = router.route(logits)
+            if float(top1(logits, weights, router.spec.convention).mean()) < target_top1:
                 low = middle
             else:
                 high = middle
@@ -148,7 +168,7 @@ def initial_router(
     seed = cfg.seed + meta["layer_index"] + 1000
     ranges = sample_ranges(reader.num_rows, reader.chunk_rows, cfg.router.calibration_rows, seed)
     z = encode_rows(router, reader, layer, ranges)
-    temperature = calibrate_temperature(router, z, teacher_top1(reader, layer, ranges))
+    temperature = calibrate_temperature(router, z, teacher_top1(reader, layer, ranges, spec.convention))
     return InitialRouter(router, meta, ranges, temperature)
 
 
