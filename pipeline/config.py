@@ -206,10 +206,12 @@ class DemoConfig(_Section):
             raise ValueError(f"demo.top_k={self.top_k} should be ≤ demo.num_experts={self.num_experts}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"demo.hidden_size={self.hidden_size} should be a multiple of demo.num_heads")
-        if self.family == "deepseek_v3" and (self.num_experts % 4 or self.top_k > self.num_experts // 2):
+        if self.family == "deepseek_v3" and (
+            self.num_experts % 4 or self.num_experts < 8 or self.top_k > self.num_experts // 2
+        ):
             raise ValueError(
-                f"the deepseek_v3 demo routes within 2 of 4 expert groups: demo.num_experts={self.num_experts} "
-                f"should be a multiple of 4 and demo.top_k={self.top_k} at most half of it"
+                f"the deepseek_v3 demo routes within 2 of 4 expert groups of at least 2: demo.num_experts="
+                f"{self.num_experts} should be a multiple of 4 from 8 on, demo.top_k={self.top_k} at most half of it"
             )
         return self
 
