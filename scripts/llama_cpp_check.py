@@ -51,6 +51,7 @@ def main() -> None:
         "sequences": len(rows),
         "tokens": sum(row["tokens"] for row in rows),
         "exported_max_abs_diff": max(row["exported"]["max_abs_diff"] for row in rows),
+        "exported_position_max_median": max(row["exported"]["position_max_median"] for row in rows),
         "original_max_abs_diff": max(row["original"]["max_abs_diff"] for row in rows),
         "gap_max_abs_diff": min(row["gap"]["transformers_max_abs_diff"] for row in rows),
         "argmax_agreement": min(row["exported"]["argmax_agreement"] for row in rows),

@@ -111,7 +111,7 @@ def run_export_checkpoint(*, cfg: RunConfig, run: RunDir, out: str | Path) -> di
         config={"model": cfg.model.model_dump(mode="json")},
         inputs={"distill": distill.fingerprint if distill else None},
         outputs={key: written[key] for key in ("directory", "family", "form", "rewritten", "linked", "copied")}
-        | {"routers": len(routers), "kind": "checkpoint"},
+        | {"routers": len(routers), "kind": "checkpoint", "routers_from": origin.url},
         stats={key: written[key] for key in ("changed", "bytes_rewritten", "bytes_linked", "cast_max_abs_error")},
         started=started,
     )
