@@ -177,8 +177,7 @@ class ValidateConfig(_Section):
 class DemoConfig(_Section):
     """The built-in demo model: a small Qwen3-MoE (or DeepSeek-V3-style) MoE trained on the demo corpus on a CPU."""
 
-    # qwen3_moe: softmax router, no bias tensor; deepseek_v3: sigmoid router with a choice bias, grouped top-k
-    family: Literal["qwen3_moe", "deepseek_v3"] = "qwen3_moe"
+    family: Literal["qwen3_moe", "deepseek_v3"] = "qwen3_moe"  # deepseek_v3: sigmoid router with a choice bias
     variant: Literal["balanced", "collapsed"] = "balanced"  # collapsed: no balancing loss (stress case)
     hidden_size: int = Field(256, ge=16)
     num_layers: int = Field(4, ge=1)
@@ -193,10 +192,9 @@ class DemoConfig(_Section):
     train_steps: int = Field(360, ge=1)
     lr: float = Field(2e-3, gt=0)
     balance_coef: float = Field(5e-3, ge=0)  # per-layer Switch loss weight from mid-training on (weak on purpose)
-    balance_coef_start: float = Field(
-        2e-2, ge=0
-    )  # weight at step 0, decaying linearly to balance_coef by mid-training:
-    # every expert gets trained early, then the routing is left to drift uneven, as in production checkpoints
+    # weight at step 0, linearly down to balance_coef by mid-training: every expert is trained early, then the
+    # routing drifts uneven, as in production checkpoints
+    balance_coef_start: float = Field(2e-2, ge=0)
     eval_sequences: int = Field(128, ge=1)  # held-out sequences for the build report
     cache_dir: str | None = None  # default: $LPR_DISTILL_CACHE or ~/.cache/lpr-distill
 
@@ -206,21 +204,17 @@ class DemoConfig(_Section):
             raise ValueError(f"demo.top_k={self.top_k} should be ≤ demo.num_experts={self.num_experts}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"demo.hidden_size={self.hidden_size} should be a multiple of demo.num_heads")
-        if self.family == "deepseek_v3" and (
-            self.num_experts % 4 or self.num_experts < 8 or self.top_k > self.num_experts // 2
-        ):
+        grouped = self.num_experts % 4 == 0 and self.num_experts >= 8 and self.top_k * 2 <= self.num_experts
+        if self.family == "deepseek_v3" and not grouped:  # top-k in 2 of 4 groups, a group's best two ranking it
             raise ValueError(
-                f"the deepseek_v3 demo routes within 2 of 4 expert groups of at least 2: demo.num_experts="
-                f"{self.num_experts} should be a multiple of 4 from 8 on, demo.top_k={self.top_k} at most half of it"
+                f"deepseek_v3 demo: demo.num_experts={self.num_experts} not a multiple of 4, ≥ 8, ≥ 2 × top_k"
             )
         return self
 
 
 class FlowConfig(_Section):
     """The orchestrated run (``flows/``, `lpr-distill serve`/`deploy`): where per-layer tasks run, retries.
-
-    No stage's fingerprint covers this section: where work runs never changes what it produces.
-    """
+    No stage's fingerprint covers this section: where work runs never changes what it produces."""
 
     task_runner: Literal["threads", "dask"] = "threads"  # dask: needs the `dask` extra
     max_workers: int = Field(1, ge=1)  # threads: per-layer tasks at once (1: one after the other)
@@ -265,14 +259,11 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
-        if self.dump.batch_tokens < self.corpus.seq_len:
-            raise ValueError(
-                f"dump.batch_tokens={self.dump.batch_tokens} should be ≥ corpus.seq_len={self.corpus.seq_len}"
-            )
-        if self.cluster.pca_rows > self.cluster.sample_rows:
-            raise ValueError(
-                f"cluster.pca_rows={self.cluster.pca_rows} should be ≤ cluster.sample_rows={self.cluster.sample_rows}"
-            )
+        dump, cluster = self.dump, self.cluster
+        if dump.batch_tokens < self.corpus.seq_len:
+            raise ValueError(f"dump.batch_tokens={dump.batch_tokens} should be ≥ corpus.seq_len={self.corpus.seq_len}")
+        if cluster.pca_rows > cluster.sample_rows:
+            raise ValueError(f"cluster.pca_rows={cluster.pca_rows} should be ≤ its sample_rows={cluster.sample_rows}")
         return self
 
     def section(self, *names: str) -> dict[str, Any]:

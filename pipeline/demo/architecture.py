@@ -18,8 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import DemoConfig
-from pipeline.moe.capture import as_triple
-from pipeline.moe.loading import find_routers
 
 DEEPSEEK_GROUPS = 4  # expert groups of the deepseek_v3 demo (demo.num_experts must be a multiple)
 
@@ -83,18 +81,26 @@ def build_model(cfg: DemoConfig, tokenizer) -> nn.Module:
     return AutoModelForCausalLM.from_config(model_config(cfg, tokenizer))
 
 
+def demo_routers(model: nn.Module) -> list[nn.Module]:
+    """The demo model's router modules, in layer order; each returns (logits, weights, indices). (Not
+    ``pipeline.moe.loading.find_routers``: model loading builds the demo, so the demo does not import it.)"""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
+
+    return [module for module in model.modules() if isinstance(module, (Qwen3MoeTopKRouter, DeepseekV3TopkRouter))]
+
+
 @contextmanager
 def routing(model: nn.Module) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
     """Within the block, the list holds each MoE layer's (logits (T, E), chosen experts (T, k)) of the
     last forward pass, logits with their gradient: what the demo's balance loss and load figures read."""
-    sites = find_routers(model)
     records: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def record(module: nn.Module, args: tuple, output: Any) -> None:
-        logits, _, indices = as_triple(output, int(getattr(module, "top_k", 0)))
+    def record(module: nn.Module, args: tuple, output: tuple[torch.Tensor, ...]) -> None:
+        logits, _, indices = output
         records.append((logits.reshape(-1, logits.shape[-1]), indices.reshape(-1, indices.shape[-1])))
 
-    handles = [site.module.register_forward_hook(record) for site in sites]
+    handles = [module.register_forward_hook(record) for module in demo_routers(model)]
     try:
         yield records
     finally:
