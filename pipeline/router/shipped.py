@@ -32,6 +32,15 @@ from storage.rundir import RunDir
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
+def fold_problem(routers: Routers, family: Family) -> LprError | None:
+    """The one-line error saying why ``routers`` cannot be written in the family's own form, or None."""
+    try:
+        fold_routers(routers, family)
+    except LprError as err:
+        return err
+    return None
+
+
 def drop_in_routers(run: RunDir, family: Family) -> tuple[dict[str, LatentPrototypeRouter], dict[str, Any], RunDir]:
     """What a drop-in checkpoint of ``run`` carries: (routers, their per-layer figures, the run they are from).
 
@@ -40,15 +49,12 @@ def drop_in_routers(run: RunDir, family: Family) -> tuple[dict[str, LatentProtot
     ``RUN_DIR/forms/native`` (validate's ``native`` variant makes them); else the fold's one-line error.
     """
     routers, metrics = distilled_routers(run)
-    try:
-        fold_routers(routers, family)
+    if (problem := fold_problem(routers, family)) is None:
         return routers, metrics, run
-    except LprError as err:
-        native = native_form_run(run)
-        if not native.is_complete("distill"):
-            raise LprError(
-                err.message, f"{err.hint}; or validate with the variant 'native', which distils them into {native.url}"
-            ) from None
+    native = native_form_run(run)
+    if not native.is_complete("distill"):
+        hint = f"{problem.hint}; or validate with the variant 'native', which distils them into {native.url}"
+        raise LprError(problem.message, hint)
     routers, metrics = distilled_routers(native)
     return routers, metrics, native
 

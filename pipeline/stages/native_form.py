@@ -7,12 +7,11 @@ only when that config or the dump changes. ``export --checkpoint`` then ships th
 from __future__ import annotations
 
 from pipeline.config import RunConfig, to_yaml
-from pipeline.errors import LprError
 from pipeline.moe.families import FAMILIES, family_of
 from pipeline.moe.loading import load_config, resolve_model_path
 from pipeline.progress import info
 from pipeline.router.load import distilled_routers
-from pipeline.router.native import fold_routers
+from pipeline.router.shipped import fold_problem
 from pipeline.stages.distill import run_distill
 from storage.derived_run import native_form_run
 from storage.rundir import RunDir
@@ -28,12 +27,8 @@ def ensure_native_form(cfg: RunConfig, run: RunDir) -> RunDir:
     """The run whose distilled routers a drop-in checkpoint carries: ``run`` itself when its routers fold,
     else its ``forms/native`` run, distilled first when it is missing or stale."""
     family = FAMILIES[family_of(load_config(cfg.model, resolve_model_path(cfg)))]
-    routers, _ = distilled_routers(run)
-    try:
-        fold_routers(routers, family)
+    if fold_problem(distilled_routers(run)[0], family) is None:
         return run
-    except LprError:
-        pass
     native = native_form_run(run)
     setting = native_config(cfg)
     native.ensure()
